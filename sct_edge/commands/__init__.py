@@ -1,0 +1,1 @@
+"""Subcommands of the `sct-edge` CLI, one module each; see `sct_edge/cli.py`."""
