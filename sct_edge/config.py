@@ -61,6 +61,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    # "causal": softmax attention with RoPE and a causal mask. "seed": the seeds' simplified 70B step,
+    # o(q + k + v) with no softmax and no mask (needs full-size k/v, i.e. n_kv_heads == n_heads).
+    attention: str = "causal"
     ranks: RankPolicy = field(default_factory=RankPolicy)
 
     @property
@@ -89,6 +92,10 @@ class ModelConfig:
             raise SctError(f"config {self.name}: dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise SctError(f"config {self.name}: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.attention not in ("causal", "seed"):
+            raise SctError(f"config {self.name}: attention must be 'causal' or 'seed', not '{self.attention}'")
+        if self.attention == "seed" and self.n_kv_heads != self.n_heads:
+            raise SctError(f"config {self.name}: seed attention o(q+k+v) needs n_kv_heads == n_heads")
         if self.head_dim % 2:
             raise SctError(f"config {self.name}: head_dim {self.head_dim} must be even for RoPE")
         shapes = {f"layers.0.{p}": s for p, s in self.matrix_shapes().items()}
