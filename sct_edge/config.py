@@ -91,7 +91,9 @@ class ModelConfig:
         if self.dim % self.n_heads:
             raise SctError(f"config {self.name}: dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
-            raise SctError(f"config {self.name}: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+            raise SctError(
+                f"config {self.name}: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}"
+            )
         if self.attention not in ("causal", "seed"):
             raise SctError(f"config {self.name}: attention must be 'causal' or 'seed', not '{self.attention}'")
         if self.attention == "seed" and self.n_kv_heads != self.n_heads:
