@@ -103,7 +103,7 @@ def tokenizer_from_json(text: str) -> Tokenizer:
         tokenizers = require_tokenizers()
         try:
             inner = tokenizers.Tokenizer.from_str(json.dumps(data["tokenizer"]))
-        except (KeyError, Exception) as error:  # tokenizers raises a bare Exception on bad JSON
+        except Exception as error:  # a missing key, or tokenizers' bare Exception on a bad definition
             raise SctError(f"tokenizer JSON of kind 'bpe' is not valid: {error}") from None
         return BPETokenizer(inner, bos_id=data.get("bos_id"), eos_id=data.get("eos_id"))
     raise SctError(f"tokenizer JSON has unknown kind '{kind}' (known: bytes, bpe)")
