@@ -25,12 +25,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
 from sct_edge.errors import SctError
+from sct_edge.tokenizer import Tokenizer
 
 DEFAULT_MAX_BYTES = 8_000_000
 DEFAULT_VAL_FRACTION = 0.02
@@ -65,17 +66,6 @@ TRAIN_FILE = "train.bin"
 VAL_FILE = "val.bin"
 META_FILE = "meta.json"
 TMP_MARK = ".tmp."
-
-
-class Tokenizer(Protocol):
-    vocab_size: int
-    eos_id: int | None
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: list[int]) -> str: ...
-
-    def to_json(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -125,11 +115,10 @@ class Corpus:
 
     def describe(self) -> str:
         m = self.meta
-        split = "by document" if m.split == "documents" else "last part of each document"
         if m.split == "documents":
-            docs = f"{len(m.train_documents)} train / {len(m.val_documents)} val documents"
+            docs = f"{len(m.train_documents)} train / {len(m.val_documents)} validation documents"
         else:
-            docs = f"{len(m.train_documents)} documents"
+            docs = f"{len(m.train_documents)} documents, the end of each held out for validation"
         skipped = f", {len(m.skipped_files)} non-text files skipped" if m.skipped_files else ""
         how = (
             f"tokenised in {m.tokenize_seconds:.2f} s ({m.tokens_per_second:,.0f} tokens/s)"
@@ -137,7 +126,7 @@ class Corpus:
             else "cache reused"
         )
         return (
-            f"{m.source}: {docs} (validation {split}{skipped}), {m.text_bytes:,} bytes of text -> "
+            f"{m.source}: {docs}{skipped}, {m.text_bytes:,} bytes of text -> "
             f"{m.train_tokens:,} train + {m.val_tokens:,} val tokens ({m.dtype}), {how}, in {self.cache_dir}"
         )
 
@@ -165,7 +154,10 @@ def stdlib_documents() -> tuple[str, list[Document]]:
         for filename in filenames:
             if filename.endswith(".py"):
                 path = Path(dirpath) / filename
-                docs.append(_document(path, path.relative_to(root).as_posix()))
+                doc = _document(path, path.relative_to(root).as_posix())
+                # Empty files (many an __init__.py) add nothing and must not be picked for validation.
+                if doc.size:
+                    docs.append(doc)
     docs.sort(key=lambda d: d.name)
     if not docs:
         raise SctError(f"no Python source found in the standard library at {root}; pass --data with your own text")
@@ -192,9 +184,10 @@ def user_documents(sources: list[Path]) -> list[Document]:
                     path = Path(dirpath) / filename
                     if filename.startswith(".") or path.suffix.lower() not in TEXT_SUFFIXES or not path.is_file():
                         continue
-                    name = f"{source.resolve().name}/{path.relative_to(source).as_posix()}"
-                    docs.setdefault(path.resolve(), _document(path, name))
-                    found += 1
+                    doc = _document(path, f"{source.resolve().name}/{path.relative_to(source).as_posix()}")
+                    if doc.size:
+                        docs.setdefault(path.resolve(), doc)
+                        found += 1
             if not found:
                 raise SctError(
                     f"data directory {source} contains no text files "
@@ -418,7 +411,10 @@ def _build_cache(
         if not text_bytes:
             raise SctError(f"{source}: no text found (every file is empty or not UTF-8 text)")
         if not train_docs or not val_docs:
-            raise SctError(f"{source}: too little text to hold out a validation part")
+            raise SctError(
+                f"{source}: nothing to hold out for validation (too little text, or the files picked "
+                "for it are not UTF-8 text)"
+            )
         seconds = time.perf_counter() - started
         train.commit()
         val.commit()

@@ -19,7 +19,7 @@ from sct_edge.data import (
     stdlib_documents,
 )
 from sct_edge.errors import SctError
-from sct_edge.tokenizer import ByteTokenizer
+from sct_edge.tokenizer import BPETokenizer, ByteTokenizer
 
 
 class GenericByteTokenizer(ByteTokenizer):
@@ -50,7 +50,7 @@ class WideTokenizer(ByteTokenizer):
 
 
 class FailingTokenizer(ByteTokenizer):
-    """Dies on the second document, as a killed process would mid-build."""
+    """Raises partway through the build, as a killed process would stop mid-write."""
 
     kind = "failing"
 
@@ -197,6 +197,17 @@ def test_wide_vocabulary_uses_uint32_and_eos_between_documents(tmp_path: Path) -
     pieces = [tok.decode(p.tolist()) for p in np.split(ids, np.flatnonzero(ids == tok.eos_id) + 1)[:-1]]
     expected = {p.read_text() for p in paths if f"data/{p.name}" in corpus.meta.train_documents}
     assert set(pieces) == expected and len(pieces) == len(corpus.meta.train_documents)
+
+
+def test_bpe_tokenizer_documents_end_with_its_eos(tmp_path: Path, toy_bpe) -> None:
+    paths = write_docs(tmp_path / "data", 2, lines=30)
+    tok = BPETokenizer(toy_bpe, eos_id=toy_bpe.token_to_id("<|endoftext|>"))
+    corpus = prepare_corpus([tmp_path / "data"], tok, tmp_path / "cache")
+    for tokens in (corpus.train, corpus.val):
+        ids = np.asarray(tokens).tolist()
+        assert ids[-1] == tok.eos_id and ids.count(tok.eos_id) == len(paths)
+    text = tok.decode(corpus.train.tolist()) + tok.decode(corpus.val.tolist())
+    assert sorted(text.splitlines()) == sorted(line for p in paths for line in p.read_text().splitlines())
 
 
 def test_max_bytes_caps_the_text_at_line_ends(tmp_path: Path) -> None:
