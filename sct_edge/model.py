@@ -180,10 +180,14 @@ class Embedding(nn.Module):
         return (F.embedding(tokens, self.U) * self.s) @ self.V.T
 
     def as_head(self, h: Tensor) -> Tensor:
-        """Tied LM head: logits = h Eᵀ, i.e. ((h V) * s) Uᵀ in spectral form."""
-        if self.rank is None:
-            return h @ self.weight.T
-        return spectral_apply(h, self.V, self.s, self.U)
+        return tied_head_logits(dict(self.named_parameters()), h)
+
+
+def tied_head_logits(embedding: dict[str, Tensor], h: Tensor) -> Tensor:
+    """Tied LM head from the embedding's tensors ("weight", or "U", "s", "V"): logits = h Eᵀ = ((h V) * s) Uᵀ."""
+    if "weight" in embedding:
+        return h @ embedding["weight"].T
+    return spectral_apply(h, embedding["V"], embedding["s"], embedding["U"])
 
 
 def build_head(config: ModelConfig, seed: int = 0, device=None) -> nn.Module | None:
