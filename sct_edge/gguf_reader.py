@@ -18,7 +18,7 @@ import torch
 
 from sct_edge.config import ModelConfig
 from sct_edge.errors import SctError
-from sct_edge.source_model import SourceModel, check_shapes, expected_shapes
+from sct_edge.source_model import SourceModel, check_shapes, expected_shapes, validate_architecture
 from sct_edge.tokenizer import BPETokenizer, require_tokenizers
 
 # GGML tensor types the reader dequantises (all through gguf.quants.dequantize). Integer types and
@@ -144,10 +144,7 @@ def _read_config(meta: _Metadata, path: Path, vocab_size: int, tied: bool) -> Mo
     )
     if config.n_heads <= 0 or config.n_kv_heads <= 0 or config.dim <= 0:
         raise SctError(f"{path}: head counts and embedding length must be positive")
-    try:
-        config.validate()
-    except SctError as error:
-        raise SctError(f"{path}: {error}") from None
+    validate_architecture(config, path)
     return config
 
 

