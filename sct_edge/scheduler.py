@@ -214,6 +214,9 @@ class StreamingStep:
     def _block(self, i: int, weights: dict[str, Tensor], x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
         return functional_call(self.templates[i], weights, (x, *rope))
 
+    def _block_cached(self, i: int, weights: dict[str, Tensor], x: Tensor, rope, cache) -> Tensor:
+        return functional_call(self.templates[i], weights, (x, *rope, cache))
+
     def _prefetch_window(self, order: list[int], position: int, with_state: bool) -> None:
         for j in order[position + 1 : position + 1 + self.prefetch_depth]:
             self.residency.prefetch(block_shard(j))
@@ -254,7 +257,7 @@ class StreamingStep:
         cos, sin = rope_tables(self.config, torch.arange(seq))
         return cos.to(self.device), sin.to(self.device)
 
-    def _forward(self, micro_batches, clock: PhaseClock) -> list[list[Tensor]]:
+    def _forward(self, micro_batches, clock: PhaseClock, turnaround: bool = True) -> list[list[Tensor]]:
         """Boundary activations: index i holds block i's input per micro-batch (index L: the last output)."""
         since = time.perf_counter()
         with torch.no_grad():
@@ -279,7 +282,7 @@ class StreamingStep:
                 since = clock.add("forward", since)
                 self.residency.put(name, weights, modified=False)
                 del weights
-                if pos == len(order) - 1:
+                if turnaround and pos == len(order) - 1:
                     # Turn around: the backward pass starts from the last blocks.
                     back = order[::-1]
                     for j in back[: self.prefetch_depth + 1]:
@@ -287,6 +290,17 @@ class StreamingStep:
                         self.residency.prefetch(optim_shard(block_shard(j)))
         clock.add("forward", since)
         return boundaries
+
+    def evaluate(self, micro_batches: list[tuple[Tensor, Tensor]]) -> float:
+        """Mean cross-entropy over the micro-batches, forward only (blocks paged as in training)."""
+        clock = PhaseClock()
+        top = self._forward(micro_batches, clock, turnaround=False)[-1]
+        head = self.residency.get("head", clock)
+        embed = self.residency.get("embed", clock)
+        with torch.no_grad():
+            losses = [F.cross_entropy(self._logits(head, embed, h).flatten(0, 1).float(), y.to(self.device).flatten())
+                      for (_, y), h in zip(micro_batches, top, strict=True)]
+        return float(torch.stack(losses).mean())
 
     def _head_backward(self, micro_batches, top: list[Tensor], clock: PhaseClock, step, lr_scale, update,
                        grad_scale) -> tuple[list[Tensor], float, float]:
@@ -307,7 +321,7 @@ class StreamingStep:
             logits = self._logits(params, tied, h)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(self.device).flatten()) / n
             loss.backward()
-            total += float(loss)
+            total += loss.item()
             grads_out.append(h.grad)
         clock.add("backward", since)
         squared = sum(float(p.grad.pow(2).sum()) for p in params.values())

@@ -1,0 +1,101 @@
+"""The edge-device policy: pause on a low battery, throttle or pause when the CPU runs hot.
+
+Readings come through a sensor seam (`Sensors`): the real one asks psutil (`sensors_battery`,
+`sensors_temperatures` by sensor name, e.g. `k10temp` on the Steam Deck); tests pass their own readings.
+Machines without a battery or temperature sensors simply run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psutil
+
+
+@dataclass
+class Battery:
+    percent: float
+    plugged: bool
+
+
+@dataclass
+class PolicySettings:
+    pause_below_percent: float = 20.0
+    resume_above_percent: float = 30.0
+    resume_when_plugged: bool = True
+    sensors: tuple[str, ...] = ("k10temp", "coretemp", "cpu_thermal", "acpitz")
+    throttle_above_c: float = 85.0
+    throttle_threads: int = 2
+    pause_above_c: float = 95.0
+    resume_below_c: float = 80.0
+
+
+def read_battery() -> Battery | None:
+    reading = psutil.sensors_battery() if hasattr(psutil, "sensors_battery") else None
+    if reading is None:
+        return None
+    return Battery(percent=float(reading.percent), plugged=bool(reading.power_plugged))
+
+
+def read_temperature(sensor_names: tuple[str, ...]) -> float | None:
+    """Hottest current reading of the first named sensor that exists, in °C."""
+    if not hasattr(psutil, "sensors_temperatures"):
+        return None
+    try:
+        readings = psutil.sensors_temperatures()
+    except (OSError, RuntimeError):
+        return None
+    for name in sensor_names:
+        if readings.get(name):
+            return max(r.current for r in readings[name])
+    return None
+
+
+@dataclass
+class Sensors:
+    battery: Callable[[], Battery | None] = read_battery
+    temperature: Callable[[tuple[str, ...]], float | None] = read_temperature
+
+
+@dataclass
+class Decision:
+    """What the trainer should do now: run, run with fewer threads, or wait (and why)."""
+
+    paused_by: str | None  # "battery" | "thermal" | None
+    threads: int | None  # a thread cap while throttled, else None
+    battery: Battery | None
+    temperature_c: float | None
+
+
+class EdgePolicy:
+    """Stateful (hysteresis): once paused, it waits for the resume condition, not just the pause one clearing."""
+
+    def __init__(self, settings: PolicySettings, sensors: Sensors | None = None) -> None:
+        self.settings = settings
+        self.sensors = sensors or Sensors()
+        self.battery_paused = False
+        self.thermal_paused = False
+
+    def check(self) -> Decision:
+        s = self.settings
+        battery = self.sensors.battery()
+        temperature = self.sensors.temperature(s.sensors)
+        if battery is not None:
+            if self.battery_paused:
+                plugged_ok = s.resume_when_plugged and battery.plugged
+                self.battery_paused = not (plugged_ok or battery.percent >= s.resume_above_percent)
+            else:
+                self.battery_paused = not battery.plugged and battery.percent < s.pause_below_percent
+        else:
+            self.battery_paused = False
+        if temperature is not None:
+            if self.thermal_paused:
+                self.thermal_paused = temperature >= s.resume_below_c
+            else:
+                self.thermal_paused = temperature >= s.pause_above_c
+        else:
+            self.thermal_paused = False
+        paused_by = "battery" if self.battery_paused else "thermal" if self.thermal_paused else None
+        throttled = temperature is not None and temperature >= s.throttle_above_c
+        return Decision(paused_by, s.throttle_threads if throttled else None, battery, temperature)
