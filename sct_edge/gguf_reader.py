@@ -118,9 +118,13 @@ def _as_float(value: Any) -> float:
 
 
 def _read_config(meta: _Metadata, path: Path, vocab_size: int, tied: bool) -> ModelConfig:
-    arch = meta.require("general.architecture")
-    if arch != "llama":
-        raise SctError(f"{path}: architecture '{arch}' is not supported (only 'llama')")
+    try:
+        return _build_config(meta, path, vocab_size, tied)
+    except (TypeError, ValueError) as error:  # a hyper-parameter stored with a non-numeric type
+        raise SctError(f"{path}: a llama.* hyper-parameter has the wrong type ({error})") from None
+
+
+def _build_config(meta: _Metadata, path: Path, vocab_size: int, tied: bool) -> ModelConfig:
     n_heads = int(meta.require("llama.attention.head_count"))
     dim = int(meta.require("llama.embedding_length"))
     rope_dims = meta.get("llama.rope.dimension_count")
@@ -263,6 +267,9 @@ def read_gguf(path: str | Path) -> SourceModel:
             f"{path}: not a readable GGUF file, truncated or corrupt ({type(error).__name__}: {error})"
         ) from None
     meta = _Metadata(reader, path)
+    arch = meta.require("general.architecture")
+    if arch != "llama":
+        raise SctError(f"{path}: architecture '{arch}' is not supported (only 'llama')")
 
     by_name: dict[str, Any] = {}
     for tensor in reader.tensors:
