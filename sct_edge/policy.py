@@ -1,8 +1,9 @@
 """The edge-device policy: pause on a low battery, throttle or pause when the CPU runs hot.
 
-Readings come through a sensor seam (`Sensors`): the real one asks psutil (`sensors_battery`,
-`sensors_temperatures` by sensor name, e.g. `k10temp` on the Steam Deck); tests pass their own readings.
-Machines without a battery or temperature sensors simply run.
+Thresholds come from the profile's `[battery]` and `[thermal]` tables. Readings come through a sensor
+seam (`Sensors`): the real one asks psutil (`sensors_battery`, `sensors_temperatures` by sensor name,
+e.g. `k10temp` on the Steam Deck); tests pass their own readings. Machines without a battery or
+temperature sensors simply run.
 """
 
 from __future__ import annotations
@@ -12,23 +13,13 @@ from dataclasses import dataclass
 
 import psutil
 
+from sct_edge.profiles import BatteryPolicy, ThermalPolicy
+
 
 @dataclass
 class Battery:
     percent: float
     plugged: bool
-
-
-@dataclass
-class PolicySettings:
-    pause_below_percent: float = 20.0
-    resume_above_percent: float = 30.0
-    resume_when_plugged: bool = True
-    sensors: tuple[str, ...] = ("k10temp", "coretemp", "cpu_thermal", "acpitz")
-    throttle_above_c: float = 85.0
-    throttle_threads: int = 2
-    pause_above_c: float = 95.0
-    resume_below_c: float = 80.0
 
 
 def read_battery() -> Battery | None:
@@ -38,7 +29,7 @@ def read_battery() -> Battery | None:
     return Battery(percent=float(reading.percent), plugged=bool(reading.power_plugged))
 
 
-def read_temperature(sensor_names: tuple[str, ...]) -> float | None:
+def read_temperature(sensor_names: list[str]) -> float | None:
     """Hottest current reading of the first named sensor that exists, in °C."""
     if not hasattr(psutil, "sensors_temperatures"):
         return None
@@ -55,7 +46,7 @@ def read_temperature(sensor_names: tuple[str, ...]) -> float | None:
 @dataclass
 class Sensors:
     battery: Callable[[], Battery | None] = read_battery
-    temperature: Callable[[tuple[str, ...]], float | None] = read_temperature
+    temperature: Callable[[list[str]], float | None] = read_temperature
 
 
 @dataclass
@@ -71,31 +62,32 @@ class Decision:
 class EdgePolicy:
     """Stateful (hysteresis): once paused, it waits for the resume condition, not just the pause one clearing."""
 
-    def __init__(self, settings: PolicySettings, sensors: Sensors | None = None) -> None:
-        self.settings = settings
+    def __init__(self, battery: BatteryPolicy, thermal: ThermalPolicy, sensors: Sensors | None = None) -> None:
+        self.battery_policy = battery
+        self.thermal_policy = thermal
         self.sensors = sensors or Sensors()
         self.battery_paused = False
         self.thermal_paused = False
 
     def check(self) -> Decision:
-        s = self.settings
+        b, t = self.battery_policy, self.thermal_policy
         battery = self.sensors.battery()
-        temperature = self.sensors.temperature(s.sensors)
+        temperature = self.sensors.temperature(t.sensors)
         if battery is not None:
             if self.battery_paused:
-                plugged_ok = s.resume_when_plugged and battery.plugged
-                self.battery_paused = not (plugged_ok or battery.percent >= s.resume_above_percent)
+                plugged_ok = b.resume_when_plugged and battery.plugged
+                self.battery_paused = not (plugged_ok or battery.percent >= b.resume_above_percent)
             else:
-                self.battery_paused = not battery.plugged and battery.percent < s.pause_below_percent
+                self.battery_paused = not battery.plugged and battery.percent < b.pause_below_percent
         else:
             self.battery_paused = False
         if temperature is not None:
             if self.thermal_paused:
-                self.thermal_paused = temperature >= s.resume_below_c
+                self.thermal_paused = temperature >= t.resume_below_c
             else:
-                self.thermal_paused = temperature >= s.pause_above_c
+                self.thermal_paused = temperature >= t.pause_above_c
         else:
             self.thermal_paused = False
         paused_by = "battery" if self.battery_paused else "thermal" if self.thermal_paused else None
-        throttled = temperature is not None and temperature >= s.throttle_above_c
-        return Decision(paused_by, s.throttle_threads if throttled else None, battery, temperature)
+        throttled = temperature is not None and temperature >= t.throttle_above_c
+        return Decision(paused_by, t.throttle_threads if throttled else None, battery, temperature)

@@ -28,7 +28,7 @@ from sct_edge.generate import generate
 from sct_edge.model import dense_config
 from sct_edge.optim import OptimConfig
 from sct_edge.plan import make_plan
-from sct_edge.policy import EdgePolicy, PolicySettings
+from sct_edge.policy import EdgePolicy
 from sct_edge.profiles import load_profile, resolve_device
 from sct_edge.scheduler import StreamingStep
 from sct_edge.store import Store
@@ -121,7 +121,7 @@ class Trainer:
             config = dense_config(config)
         config.validate()
         path.parent.mkdir(parents=True, exist_ok=True)
-        return Store.create(path, config, seed=run.seed, state_dtype=self.profile.state_dtype,
+        return Store.create(path, config, seed=run.seed, state_dtype=getattr(torch, self.profile.state_dtype),
                             tokenizer_json=ByteTokenizer().to_json())
 
     def _settings(self, store: Store) -> dict:
@@ -169,7 +169,7 @@ class Trainer:
             engine = StreamingStep(store, plan.resident_blocks, plan.prefetch_depth, optim, self.device,
                                    on_event=events.emit)
             commit_every = run.commit_every or profile.commit_every
-            policy = EdgePolicy(PolicySettings(**profile.policy_settings()))
+            policy = EdgePolicy(profile.battery, profile.thermal)
             events.emit({
                 "event": "start", "config": store.config.to_dict(), "store": str(store.path),
                 "profile": profile.name, "budget_bytes": profile.memory_budget, "batch": settings["batch"],
