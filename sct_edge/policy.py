@@ -60,7 +60,8 @@ class Decision:
 
 
 class EdgePolicy:
-    """Stateful (hysteresis): once paused, it waits for the resume condition, not just the pause one clearing."""
+    """Stateful (hysteresis): once paused or throttled, it waits for the resume condition (plugged in, battery
+    back above its resume level, temperature below `resume_below_c`), not just for the trigger to clear."""
 
     def __init__(self, battery: BatteryPolicy, thermal: ThermalPolicy, sensors: Sensors | None = None) -> None:
         self.battery_policy = battery
@@ -68,6 +69,7 @@ class EdgePolicy:
         self.sensors = sensors or Sensors()
         self.battery_paused = False
         self.thermal_paused = False
+        self.throttled = False
 
     def check(self) -> Decision:
         b, t = self.battery_policy, self.thermal_policy
@@ -89,5 +91,10 @@ class EdgePolicy:
         else:
             self.thermal_paused = False
         paused_by = "battery" if self.battery_paused else "thermal" if self.thermal_paused else None
-        throttled = temperature is not None and temperature >= t.throttle_above_c
-        return Decision(paused_by, t.throttle_threads if throttled else None, battery, temperature)
+        if temperature is None:
+            self.throttled = False
+        elif self.throttled:
+            self.throttled = temperature >= t.resume_below_c
+        else:
+            self.throttled = temperature >= t.throttle_above_c
+        return Decision(paused_by, t.throttle_threads if self.throttled else None, battery, temperature)

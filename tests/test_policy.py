@@ -35,12 +35,15 @@ def test_thermal_throttle_pause_and_cool_down():
     profile = load_profile("steamdeck")
     t = profile.thermal
     policy = EdgePolicy(profile.battery, t, scripted(
-        [None] * 4, [t.throttle_above_c - 5, t.throttle_above_c + 1, t.pause_above_c + 1, t.resume_below_c - 1]))
+        [None] * 5, [t.throttle_above_c - 5, t.throttle_above_c + 1, t.pause_above_c + 1, t.resume_below_c + 1,
+                     t.resume_below_c - 1]))
     first = policy.check()
     assert first.paused_by is None and first.threads is None
     throttled = policy.check()
     assert throttled.paused_by is None and throttled.threads == t.throttle_threads
     assert policy.check().paused_by == "thermal"
+    cooling = policy.check()
+    assert cooling.paused_by == "thermal" and cooling.threads == t.throttle_threads  # not yet below resume_below_c
     cooled = policy.check()
     assert cooled.paused_by is None and cooled.threads is None
 
