@@ -14,6 +14,9 @@ across steps (no I/O at all when everything fits); the others are read by a back
 `prefetch_depth` blocks ahead of compute and written back by a background writer thread, overlapping I/O
 with compute.
 
+With the profile's `activations = "keep"`, resident blocks keep their forward graph instead (no recompute,
+more memory); paged blocks always recompute, since their weights leave RAM between the two passes.
+
 Global-norm gradient clipping needs every gradient before any update. With `max_grad_norm` set, the step
 runs a first backward pass that only measures the gradient norm (recomputing, nothing updated or written),
 then the real backward pass with the gradients scaled; it costs one extra backward, and exactness is kept.
@@ -181,8 +184,10 @@ class StreamingStep:
         device: torch.device | str = "cpu",
         workload: str = "lm",
         on_event: EventSink | None = None,
+        activations: str = "recompute",
     ) -> None:
         self.store = store
+        self.activations = activations
         self.config: ModelConfig = store.config
         self.optim = optim
         self.device = torch.device(device)
@@ -257,8 +262,13 @@ class StreamingStep:
         cos, sin = rope_tables(self.config, torch.arange(seq))
         return cos.to(self.device), sin.to(self.device)
 
+    def keeps_graph(self, name: str) -> bool:
+        """With activations = "keep", a resident block keeps its forward graph: backward needs no recompute."""
+        return self.activations == "keep" and name in self.residency.resident_names
+
     def _forward(self, micro_batches, clock: PhaseClock, turnaround: bool = True) -> list[list[Tensor]]:
         """Boundary activations: index i holds block i's input per micro-batch (index L: the last output)."""
+        self._graphs: dict[int, tuple] = {}
         since = time.perf_counter()
         with torch.no_grad():
             if self.workload == "lm":
@@ -277,7 +287,15 @@ class StreamingStep:
                 weights = self.residency.get(name, clock)
                 since = time.perf_counter()
                 self.residency._emit(name, "computing")
-                hidden = [self._block(i, weights, h, rope) for h in hidden]
+                if turnaround and self.keeps_graph(name):
+                    with torch.enable_grad():
+                        params = {k: v.detach().requires_grad_() for k, v in weights.items()}
+                        inputs = [h.detach().requires_grad_() for h in hidden]
+                        outputs = [self._block(i, params, h, rope) for h in inputs]
+                    self._graphs[i] = (params, inputs, outputs)
+                    hidden = [o.detach() for o in outputs]
+                else:
+                    hidden = [self._block(i, weights, h, rope) for h in hidden]
                 boundaries.append(hidden)
                 since = clock.add("forward", since)
                 self.residency.put(name, weights, modified=False)
@@ -368,13 +386,21 @@ class StreamingStep:
             tensors = self.residency.get(name, clock)
             since = time.perf_counter()
             self.residency._emit(name, "computing")
-            params = {k: v.detach().requires_grad_() for k, v in tensors.items()}
-            new_grads = []
-            for h, g in zip(boundaries[i], grads, strict=True):
-                h = h.detach().requires_grad_()
-                self._block(i, params, h, rope).backward(g)
-                new_grads.append(h.grad)
-            grads = new_grads
+            if i in self._graphs:
+                params, inputs, outputs = self._graphs[i] if not update else self._graphs.pop(i)
+                for p in list(params.values()) + inputs:
+                    p.grad = None
+                for out, g in zip(outputs, grads, strict=True):
+                    out.backward(g, retain_graph=not update)
+                grads = [h.grad for h in inputs]
+            else:
+                params = {k: v.detach().requires_grad_() for k, v in tensors.items()}
+                new_grads = []
+                for h, g in zip(boundaries[i], grads, strict=True):
+                    h = h.detach().requires_grad_()
+                    self._block(i, params, h, rope).backward(g)
+                    new_grads.append(h.grad)
+                grads = new_grads
             since = clock.add("backward", since)
             if update:
                 ortho = max(ortho, self._finish_shard(name, tensors, params, step, lr_scale, True, grad_scale, clock))
