@@ -15,6 +15,10 @@ from sct_edge.errors import SctError
 # Order is the order `sct-edge --help` lists them in.
 COMMAND_MODULES = [
     "presets",
+    "run",
+    "bench",
+    "profiles",
+    "memcalc",
 ]
 
 

@@ -16,6 +16,8 @@ from sct_edge.config import ModelConfig
 TRAIN_BYTES_PER_PARAM = 16  # fp32 weight + fp32 gradient + two fp32 Adam moments
 GB = 10**9
 MB = 10**6
+GiB = 2**30
+MiB = 2**20
 
 
 def matrix_params(n_in: int, n_out: int, rank: int | None) -> int:
@@ -141,3 +143,17 @@ def seed_numbers(path: Path | None = None) -> dict:
     """The published figures (`shared/reference/seed_numbers.json`), for tests and memcalc's comparisons."""
     path = path or Path(__file__).resolve().parent / "seed_numbers.json"
     return json.loads(path.read_text())
+
+
+def format_bytes(n: float) -> str:
+    """`n` bytes for people, in binary units: "512 B", "212 MiB", "10.0 GiB" (three significant digits)."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+    value, unit = float(n), units[0]
+    for unit in units:
+        if abs(value) < 1024 or unit == units[-1]:
+            break
+        value /= 1024
+    if unit == "B":
+        return f"{int(n)} B"
+    decimals = 2 if abs(value) < 10 else 1 if abs(value) < 100 else 0
+    return f"{value:.{decimals}f} {unit}"
