@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 from sct_edge.model import KVCache, rope_tables
-from sct_edge.scheduler import PhaseClock, StreamingStep, block_shard
+from sct_edge.scheduler import PhaseClock, StreamingStep
+from sct_edge.store import block_shard
 
 
 def _next_logits(engine: StreamingStep, tokens: Tensor, start: int, caches: list[KVCache]) -> Tensor:

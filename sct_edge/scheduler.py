@@ -38,20 +38,13 @@ from sct_edge.config import ModelConfig
 from sct_edge.model import Block, build_embedding, build_head, rope_tables, tied_head_logits
 from sct_edge.optim import OptimConfig, adamw_update, is_orthonormal_factor
 from sct_edge.retraction import retract_
+from sct_edge.store import block_shard, optim_shard
 
 EventSink = Callable[[dict], None]
 
 
 def strip_prefix(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
-def block_shard(i: int) -> str:
-    return f"block.{i:03d}"
-
-
-def optim_shard(name: str) -> str:
-    return f"{name}.optim"
 
 
 @dataclass

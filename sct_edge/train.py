@@ -31,7 +31,7 @@ from sct_edge.plan import make_plan
 from sct_edge.policy import EdgePolicy
 from sct_edge.profiles import load_profile, resolve_device
 from sct_edge.scheduler import StreamingStep
-from sct_edge.store import Store
+from sct_edge.store import MANIFEST, Store
 from sct_edge.tokenizer import ByteTokenizer, tokenizer_from_json
 
 # Settings that shape the trajectory: recorded in the store at the first commit, reused on resume.
@@ -107,7 +107,7 @@ class Trainer:
     def _open_store(self) -> Store:
         run = self.run_config
         path = run.store_path()
-        if Store.exists(path):
+        if (path / MANIFEST).exists():
             store = Store.open(path)
             if run.store is None and store.config.name != run.preset:
                 raise SctError(f"default store {path} holds preset {store.config.name}, not {run.preset}")
@@ -156,7 +156,7 @@ class Trainer:
         with store.lock():
             settings = self._settings(store)
             total = settings["steps"]
-            tokenizer = tokenizer_from_json(store.tokenizer_json)
+            tokenizer = tokenizer_from_json(store.tokenizer_json())
             seq = min(settings["seq"], store.config.max_seq_len)
             corpus = prepare_corpus([Path(p) for p in settings["data"]] or None, tokenizer,
                                     store.path.with_name(store.path.name + ".tokens"))
@@ -167,7 +167,7 @@ class Trainer:
             optim = OptimConfig(lr_spectral=settings["lr_spectral"], lr_dense=settings["lr_dense"],
                                 weight_decay=settings["weight_decay"], max_grad_norm=settings["clip"])
             engine = StreamingStep(store, plan.resident_blocks, plan.prefetch_depth, optim, self.device,
-                                   on_event=events.emit)
+                                   on_event=events.emit, activations=profile.activations)
             commit_every = run.commit_every or profile.commit_every
             policy = EdgePolicy(profile.battery, profile.thermal)
             events.emit({
@@ -203,7 +203,7 @@ class Trainer:
 
     def _sample(self, engine: StreamingStep, corpus: Corpus, store: Store, step: int) -> None:
         self.events.emit({"event": "phase", "phase": "sample", "step": step})
-        tokenizer = tokenizer_from_json(store.tokenizer_json)
+        tokenizer = tokenizer_from_json(store.tokenizer_json())
         prompt = [int(t) for t in corpus.val[:32]]
         ids = generate(engine, prompt, max_new_tokens=120, temperature=0.8, top_k=40, seed=step)
         self.events.emit({"event": "sample", "step": step, "text": tokenizer.decode(prompt + ids)})
@@ -265,7 +265,7 @@ class Trainer:
                 control.commit_requested.clear()
                 self._commit(store, engine, step, settings, sampler)
                 last_commit = step
-            if (run.eval_every and step % run.eval_every == 0) or control.eval_requested.is_set():
+            if (run.eval_every and step % run.eval_every == 0) or control.eval_requested.is_set() or step == total:
                 control.eval_requested.clear()
                 self._evaluate(engine, corpus, seq, step, settings)
             if control.sample_requested.is_set():
@@ -273,10 +273,7 @@ class Trainer:
                 self._sample(engine, corpus, store, step)
         if step != last_commit or store.step != step:
             self._commit(store, engine, step, settings, sampler)
-        if step >= total:
-            self._evaluate(engine, corpus, seq, step, settings)
-            return "done"
-        return "stopped"
+        return "done" if step >= total else "stopped"
 
 
 class MemoryMonitor:
