@@ -15,6 +15,9 @@ from sct_edge.errors import SctError
 # Order is the order `sct-edge --help` lists them in.
 COMMAND_MODULES = [
     "presets",
+    "init",
+    "inspect",
+    "verify",
     "run",
     "bench",
     "profiles",
