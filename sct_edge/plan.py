@@ -13,7 +13,9 @@ What RAM holds during a step (the terms of `MemoryPlan`):
 - boundary activations: each block's input for every micro-batch, (n_layers + 1) × micro-batches × batch ×
   seq × dim elements (none in RAM with `activations = spill`, which writes them to disk), plus the gradient
   waiting at the current boundary for every micro-batch.
-- one block's backward working set (`block_saved_elements` + `backward_transient_elements`).
+- one block's backward working set (`block_saved_elements` + `backward_transient_elements`); with
+  `activations = keep` each resident block also keeps its forward graph (its saved tensors) until backward,
+  and only a paged block is recomputed.
 - the logits working set ("lm"): batch × seq × vocab × 3 (logits, log-softmax, their gradient).
 - the runtime: `RUNTIME_OVERHEAD_BYTES` for the Python + torch process itself.
 
@@ -112,7 +114,7 @@ class MemoryPlan:
     inflight_blocks: int  # buffers for paged blocks; 0 when nothing is paged
     boundary_activation_bytes: int
     boundary_grad_bytes: int
-    kept_activation_bytes: int  # block internals kept for backward (activations = keep)
+    kept_activation_bytes: int  # resident blocks' forward graphs kept for backward (activations = keep)
     block_working_set_bytes: int
     logits_bytes: int
     runtime_overhead_bytes: int
@@ -196,7 +198,7 @@ class MemoryPlan:
             + f"; boundary gradients {b(self.boundary_grad_bytes)}"
         )
         if self.kept_activation_bytes:
-            lines.append(f"  kept block internals (activations = keep): {b(self.kept_activation_bytes)}")
+            lines.append(f"  kept forward graphs of resident blocks (keep): {b(self.kept_activation_bytes)}")
         lines.append(f"  one block's backward working set: {b(self.block_working_set_bytes)}")
         if self.workload == "lm":
             lines.append(f"  logits working set: {b(self.logits_bytes)}")
@@ -215,6 +217,104 @@ class MemoryPlan:
         return lines
 
 
+@dataclass
+class _StepCosts:
+    """The residency-independent terms of a plan, shared by `make_plan` and `minimum_budget`."""
+
+    block_stored: list[int]  # stored parameters of each block
+    block_params: int  # of the largest block
+    resident_per_param: int  # fp32 weight + two moments in the state dtype
+    block_bytes: int  # weights + moments of the largest block
+    grad_bytes: int
+    embed_head_params: int
+    embed_head_bytes: int
+    boundary_tensor: int  # one block input of one micro-batch
+    boundary: int
+    boundary_grad: int
+    saved: int  # one block's autograd-saved tensors
+    transient: int
+    cast: int
+    logits: int
+    kept_per_block: int  # a resident block's kept forward graph (activations = keep)
+
+    @property
+    def base(self) -> int:
+        """Always in RAM: runtime, embedding/head, one block's gradients, boundary activations, logits."""
+        return (
+            RUNTIME_OVERHEAD_BYTES
+            + self.embed_head_bytes
+            + self.grad_bytes
+            + self.boundary
+            + self.boundary_grad
+            + self.logits
+        )
+
+    @property
+    def paging_working_set(self) -> int:
+        """Backward of a paged block: it is always recomputed from its input."""
+        return self.saved + self.transient + self.cast
+
+
+def _check_inputs(config: ModelConfig, batch: int, seq: int, micro_batches: int, workload: str) -> None:
+    config.validate()
+    for name, value in (("batch", batch), ("seq", seq), ("micro_batches", micro_batches)):
+        if not isinstance(value, int) or value < 1:
+            raise SctError(f"{name} must be a positive integer, not {value!r}")
+    if workload not in WORKLOADS:
+        raise SctError(f"workload must be one of {', '.join(WORKLOADS)}, not '{workload}'")
+    if seq > config.max_seq_len:
+        raise SctError(f"seq {seq} is longer than {config.name}'s max_seq_len {config.max_seq_len}")
+
+
+def _step_costs(
+    config: ModelConfig, profile: Profile, batch: int, seq: int, micro_batches: int, workload: str
+) -> _StepCosts:
+    _check_inputs(config, batch, seq, micro_batches, workload)
+    state_bytes = DTYPE_BYTES[profile.state_dtype]
+    act_bytes = DTYPE_BYTES[profile.compute_dtype]
+    count = count_params(config)
+    block_params = max(count.block_stored)
+    embed_head_params = count.embed.stored + count.head.stored + count.final_norm.stored if workload == "lm" else 0
+    boundary_tensor = batch * seq * config.dim * act_bytes
+    saved = max(block_saved_elements(config, i, batch, seq) for i in range(config.n_layers)) * act_bytes
+    return _StepCosts(
+        block_stored=count.block_stored,
+        block_params=block_params,
+        resident_per_param=FP32 + 2 * state_bytes,
+        block_bytes=block_params * (FP32 + 2 * state_bytes),
+        grad_bytes=block_params * FP32,
+        embed_head_params=embed_head_params,
+        embed_head_bytes=embed_head_params * (FP32 + 2 * state_bytes + FP32),
+        boundary_tensor=boundary_tensor,
+        boundary=0 if profile.activations == "spill" else (config.n_layers + 1) * micro_batches * boundary_tensor,
+        boundary_grad=micro_batches * boundary_tensor,
+        saved=saved,
+        transient=backward_transient_elements(config, batch, seq) * act_bytes,
+        # bfloat16 compute works on a bf16 copy of the computing block's fp32 weights.
+        cast=block_params * 2 if profile.compute_dtype == "bfloat16" else 0,
+        logits=3 * batch * seq * config.vocab_size * act_bytes if workload == "lm" else 0,
+        # With keep, a resident block holds its forward graph until backward (its input is a boundary
+        # activation already); a paged block always recomputes, since its weights leave RAM between the passes.
+        kept_per_block=micro_batches * (saved - boundary_tensor) if profile.activations == "keep" else 0,
+    )
+
+
+def minimum_budget(
+    config: ModelConfig, profile: Profile, batch: int, seq: int, micro_batches: int = 1, workload: str = "lm"
+) -> int:
+    """The smallest budget `make_plan` accepts: the fixed costs plus one in-flight block, nothing resident."""
+    costs = _step_costs(config, profile, batch, seq, micro_batches, workload)
+    return min(
+        costs.base + costs.paging_working_set + costs.block_bytes,
+        _all_resident_bytes(costs, config.n_layers, profile.activations == "keep"),
+    )
+
+
+def _all_resident_bytes(costs: _StepCosts, n_layers: int, keep: bool) -> int:
+    working = costs.transient + costs.cast + (0 if keep else costs.saved)
+    return costs.base + working + n_layers * (costs.block_bytes + costs.kept_per_block)
+
+
 def make_plan(
     config: ModelConfig,
     profile: Profile,
@@ -229,91 +329,52 @@ def make_plan(
 
     Residency: every block when all fit beside the fixed costs; otherwise
     resident = floor((budget − fixed costs − in-flight window) / resident bytes of a block), with the window
-    shrunk below prefetch_depth + 2 blocks only when the budget cannot hold it. A budget that cannot hold
-    even one in-flight block is a `SctError` naming the smallest budget that works.
+    shrunk below prefetch_depth + 2 blocks only when the budget cannot hold it (a resident block's bytes
+    include its kept forward graph with `activations = keep`). A budget that cannot hold even one in-flight
+    block is a `SctError` naming the smallest budget that works (`minimum_budget`).
     """
-    config.validate()
-    for name, value in (("batch", batch), ("seq", seq), ("micro_batches", micro_batches)):
-        if not isinstance(value, int) or value < 1:
-            raise SctError(f"{name} must be a positive integer, not {value!r}")
-    if workload not in WORKLOADS:
-        raise SctError(f"workload must be one of {', '.join(WORKLOADS)}, not '{workload}'")
-    if seq > config.max_seq_len:
-        raise SctError(f"seq {seq} is longer than {config.name}'s max_seq_len {config.max_seq_len}")
     if read_bytes_per_s <= 0 or write_bytes_per_s <= 0:
         raise SctError("disk read and write speeds must be more than 0 bytes/s")
-
+    c = _step_costs(config, profile, batch, seq, micro_batches, workload)
     n = config.n_layers
-    state_bytes = DTYPE_BYTES[profile.state_dtype]
-    act_bytes = DTYPE_BYTES[profile.compute_dtype]
-    resident_per_param = FP32 + 2 * state_bytes
-    count = count_params(config)
-    block_params = max(count.block_stored)
-    block_bytes = block_params * resident_per_param
-    grad_bytes = block_params * FP32
-
-    embed_head_params = count.embed.stored + count.head.stored + count.final_norm.stored if workload == "lm" else 0
-    embed_head_bytes = embed_head_params * (resident_per_param + FP32)
-
-    tokens = batch * seq
-    boundary_tensor = tokens * config.dim * act_bytes
-    spill = profile.activations == "spill"
-    boundary = 0 if spill else (n + 1) * micro_batches * boundary_tensor
-    boundary_grad = micro_batches * boundary_tensor
-    saved = max(block_saved_elements(config, i, batch, seq) for i in range(n)) * act_bytes
-    transient = backward_transient_elements(config, batch, seq) * act_bytes
-    # bfloat16 compute works on a bf16 copy of the computing block's fp32 weights.
-    cast = block_params * 2 if profile.compute_dtype == "bfloat16" else 0
-    if profile.activations == "keep":
-        # Every block's internals stay from forward to backward; the block input is a boundary activation already.
-        kept = n * micro_batches * (saved - boundary_tensor)
-        working = transient + cast
-    else:
-        kept = 0
-        working = saved + transient + cast
-    logits = 3 * tokens * config.vocab_size * act_bytes if workload == "lm" else 0
-    fixed = RUNTIME_OVERHEAD_BYTES + embed_head_bytes + grad_bytes + boundary + boundary_grad + kept + working + logits
-
+    keep = profile.activations == "keep"
+    per_resident = c.block_bytes + c.kept_per_block
     budget = profile.memory_budget
     notes: list[str] = []
-    if fixed + n * block_bytes <= budget:
+    if _all_resident_bytes(c, n, keep) <= budget:
         resident, inflight, prefetch = n, 0, 0
+        working = c.transient + c.cast + (0 if keep else c.saved)
     else:
-        if profile.activations == "keep":
-            raise SctError(
-                f"activations = keep (profile {profile.name}) needs all {n} blocks of {config.name} in RAM "
-                f"({format_bytes(fixed + n * block_bytes)}), more than the budget {format_bytes(budget)}; "
-                f"use activations = recompute or spill, or --budget {suggest_budget(fixed + n * block_bytes)}"
-            )
-        room = budget - fixed
-        if room < block_bytes:
-            minimum = fixed + block_bytes
+        working = c.paging_working_set
+        room = budget - c.base - working
+        if room < c.block_bytes:
+            minimum = c.base + working + c.block_bytes
             mb = f" × {micro_batches} micro-batches" if micro_batches > 1 else ""
             raise SctError(
                 f"budget {format_bytes(budget)} is below the {format_bytes(minimum)} {config.name} needs for one "
                 f"block at batch {batch} × seq {seq}{mb} (profile {profile.name}); "
                 f"try --budget {suggest_budget(minimum)}"
             )
-        inflight = min(profile.prefetch_depth + 2, n, room // block_bytes)
+        window = min(profile.prefetch_depth + 2, n, room // c.block_bytes)
+        resident = min(n - 1, (room - window * c.block_bytes) // per_resident)
+        inflight = min(window, n - resident)
         prefetch = max(0, inflight - 2)
-        resident = (room - inflight * block_bytes) // block_bytes
-        if prefetch < profile.prefetch_depth:
+        if room // c.block_bytes < min(profile.prefetch_depth + 2, n):
             notes.append(
-                f"the budget leaves room for {inflight} in-flight block(s): prefetch depth {prefetch}, "
+                f"the budget leaves room for {window} in-flight block(s): prefetch depth {prefetch}, "
                 f"not the profile's {profile.prefetch_depth}"
             )
-    peak = fixed + (resident + inflight) * block_bytes
+    peak = c.base + working + resident * per_resident + inflight * c.block_bytes
 
-    stored = count.block_stored
-    paged = stored[resident:]
-    store_bytes = (sum(stored) + embed_head_params) * resident_per_param
+    paged = c.block_stored[resident:]
+    store_bytes = (sum(c.block_stored) + c.embed_head_params) * c.resident_per_param
     # Forward reads a paged block's weights; backward reads weights and moments and writes both back.
-    io_read = sum(p * (FP32 + resident_per_param) for p in paged)
-    io_write = sum(p * resident_per_param for p in paged)
-    if spill:
+    io_read = sum(p * (FP32 + c.resident_per_param) for p in paged)
+    io_write = sum(p * c.resident_per_param for p in paged)
+    if profile.activations == "spill":
         # Each block's input goes to disk in forward and comes back for its backward.
-        io_read += n * micro_batches * boundary_tensor
-        io_write += n * micro_batches * boundary_tensor
+        io_read += n * micro_batches * c.boundary_tensor
+        io_write += n * micro_batches * c.boundary_tensor
     if profile.device == "cuda":
         notes.append("the plan counts host RAM; a CUDA device's own memory is not planned")
     if profile.compute_dtype == "bfloat16":
@@ -331,20 +392,20 @@ def make_plan(
         compute_dtype=profile.compute_dtype,
         state_dtype=profile.state_dtype,
         activations=profile.activations,
-        block_params=block_params,
-        block_weight_bytes=block_params * FP32,
-        block_moment_bytes=block_params * 2 * state_bytes,
-        block_grad_bytes=grad_bytes,
-        embed_head_params=embed_head_params,
-        embed_head_bytes=embed_head_bytes,
+        block_params=c.block_params,
+        block_weight_bytes=c.block_params * FP32,
+        block_moment_bytes=c.block_bytes - c.block_params * FP32,
+        block_grad_bytes=c.grad_bytes,
+        embed_head_params=c.embed_head_params,
+        embed_head_bytes=c.embed_head_bytes,
         resident_blocks=resident,
         prefetch_depth=prefetch,
         inflight_blocks=inflight,
-        boundary_activation_bytes=boundary,
-        boundary_grad_bytes=boundary_grad,
-        kept_activation_bytes=kept,
+        boundary_activation_bytes=c.boundary,
+        boundary_grad_bytes=c.boundary_grad,
+        kept_activation_bytes=resident * c.kept_per_block,
         block_working_set_bytes=working,
-        logits_bytes=logits,
+        logits_bytes=c.logits,
         runtime_overhead_bytes=RUNTIME_OVERHEAD_BYTES,
         predicted_peak_bytes=peak,
         store_bytes=store_bytes,
