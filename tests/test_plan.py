@@ -1,0 +1,249 @@
+"""The memory plan: its activation formula against autograd, residency, paging, I/O and the budget floor."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+import torch
+
+from sct_edge.config import ModelConfig, RankPolicy, get_preset
+from sct_edge.errors import SctError
+from sct_edge.memory import count_params
+from sct_edge.model import Block, rope_tables
+from sct_edge.plan import (
+    RUNTIME_OVERHEAD_BYTES,
+    block_saved_elements,
+    make_plan,
+    minimum_budget,
+)
+from sct_edge.profiles import load_profile, parse_size
+
+GiB, MiB = 2**30, 2**20
+
+
+def profile(budget: str = "100GiB", **changes):
+    return dataclasses.replace(load_profile("ci", budget), **changes)
+
+
+def small_config(**changes) -> ModelConfig:
+    base = dict(
+        name="small",
+        vocab_size=300,
+        dim=64,
+        n_layers=6,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_dim=160,
+        max_seq_len=64,
+        ranks=RankPolicy(attn=8, mlp=12, embed=16, head=None),
+    )
+    return ModelConfig(**{**base, **changes})
+
+
+def autograd_saved_bytes(config: ModelConfig, batch: int, seq: int, layer: int = 0) -> int:
+    """Bytes of the distinct non-parameter storages autograd saves in one real block forward."""
+    block = Block(config, layer)
+    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr not in params:
+            storages[ptr] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    x = torch.randn(batch, seq, config.dim, requires_grad=True)
+    cos, sin = rope_tables(config, torch.arange(seq))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(x, cos, sin)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        small_config(),  # causal, grouped KV heads, spectral attention and MLP
+        small_config(n_kv_heads=4),  # full multi-head
+        small_config(ranks=RankPolicy(attn=None, mlp=None)),  # dense block
+        small_config(ranks=RankPolicy(attn=8, mlp=None, overrides={"layers.0.attn.k": 3})),
+        small_config(n_kv_heads=4, attention="seed"),  # the seeds' o(q + k + v)
+    ],
+    ids=["gqa-spectral", "mha-spectral", "dense", "mixed-override", "seed-attention"],
+)
+@pytest.mark.parametrize(("batch", "seq"), [(1, 8), (3, 5)])
+def test_block_formula_matches_autograd(config, batch, seq):
+    assert block_saved_elements(config, 0, batch, seq) * 4 == autograd_saved_bytes(config, batch, seq)
+
+
+def test_everything_resident_under_a_huge_budget():
+    config = small_config()
+    plan = make_plan(config, profile("100GiB"), batch=2, seq=16)
+    assert plan.resident_blocks == config.n_layers and not plan.paging
+    assert plan.inflight_blocks == 0 and plan.prefetch_depth == 0
+    assert plan.io_read_bytes_per_step == plan.io_write_bytes_per_step == plan.io_bytes_per_step == 0
+    count = count_params(config)
+    assert plan.block_params == max(count.block_stored)
+    assert plan.block_weight_bytes == 4 * plan.block_params and plan.block_moment_bytes == 8 * plan.block_params
+    assert plan.store_bytes == 12 * (sum(count.block_stored) + count.embed.stored + count.head.stored + config.dim)
+    assert plan.boundary_activation_bytes == (config.n_layers + 1) * 2 * 16 * config.dim * 4
+    assert plan.logits_bytes == 2 * 16 * config.vocab_size * 4 * 3
+    assert plan.predicted_peak_bytes == (
+        RUNTIME_OVERHEAD_BYTES
+        + plan.embed_head_bytes
+        + plan.block_grad_bytes
+        + plan.boundary_activation_bytes
+        + plan.boundary_grad_bytes
+        + plan.block_working_set_bytes
+        + plan.logits_bytes
+        + config.n_layers * plan.block_resident_bytes
+    )
+
+
+def test_a_tight_budget_pages_and_costs_io():
+    config = get_preset("llama3-8b").with_ranks(RankPolicy.uniform(64))
+    full = make_plan(config, profile("100GiB"), 1, 8)
+    budget = full.predicted_peak_bytes - 10 * full.block_resident_bytes
+    plan = make_plan(config, profile(f"{budget}B"), 1, 8)
+    assert plan.paging and 0 < plan.resident_blocks < config.n_layers
+    assert plan.inflight_blocks == load_profile("ci").prefetch_depth + 2
+    assert plan.predicted_peak_bytes <= budget
+    # One more resident block would not fit beside the in-flight window.
+    assert plan.predicted_peak_bytes + plan.block_resident_bytes > budget
+    paged = config.n_layers - plan.resident_blocks
+    params = plan.block_params  # uniform rank: every block is the same size
+    assert plan.io_read_bytes_per_step == paged * (4 * params + 12 * params)
+    assert plan.io_write_bytes_per_step == paged * 12 * params
+    assert plan.io_seconds_per_step == pytest.approx(
+        plan.io_read_bytes_per_step / 1.2e9 + plan.io_write_bytes_per_step / 2.1e9
+    )
+    assert list(plan.resident_layers) == list(range(plan.resident_blocks))
+
+
+def test_too_small_budget_names_a_minimum_that_works():
+    config = get_preset("sct-70b")
+    with pytest.raises(SctError) as error:
+        make_plan(config, profile("64MiB", name="steamdeck"), 1, 8)
+    message = str(error.value)
+    assert re.search(
+        r"^budget 64\.0 MiB is below the \d+ MiB sct-70b needs for one block at batch 1 × seq 8 "
+        r"\(profile steamdeck\); try --budget \d+MiB$",
+        message,
+    ), message
+    suggested = parse_size(message.rsplit("--budget ", 1)[1])
+    minimum = minimum_budget(config, profile(), 1, 8)
+    assert minimum <= suggested < minimum + 64 * MiB
+    at_minimum = make_plan(config, profile(f"{minimum}B"), 1, 8)
+    assert (at_minimum.resident_blocks, at_minimum.inflight_blocks, at_minimum.prefetch_depth) == (0, 1, 0)
+    assert at_minimum.predicted_peak_bytes == minimum
+    assert any("prefetch depth 0" in note for note in at_minimum.notes)
+    make_plan(config, profile(f"{suggested}B"), 1, 8)
+    with pytest.raises(SctError, match="try --budget"):
+        make_plan(config, profile(f"{minimum - 1}B"), 1, 8)
+
+
+def test_prefetch_window_shrinks_before_the_plan_fails():
+    config = get_preset("llama3-8b")
+    minimum = minimum_budget(config, profile(), 1, 8)
+    block = make_plan(config, profile(), 1, 8).block_resident_bytes
+    plan = make_plan(config, profile(f"{minimum + 1 * block}B", prefetch_depth=3), 1, 8)
+    assert (plan.resident_blocks, plan.inflight_blocks, plan.prefetch_depth) == (0, 2, 0)
+    plan = make_plan(config, profile(f"{minimum + 4 * block}B", prefetch_depth=3), 1, 8)
+    assert (plan.resident_blocks, plan.inflight_blocks, plan.prefetch_depth) == (0, 5, 3) and not plan.notes
+
+
+def test_micro_batches_scale_activations_not_io():
+    config = get_preset("llama3-8b")
+    full = make_plan(config, profile(), 2, 32, micro_batches=4)
+    budget = f"{full.predicted_peak_bytes - 8 * full.block_resident_bytes}B"
+    one = make_plan(config, profile(budget), 2, 32, micro_batches=1)
+    four = make_plan(config, profile(budget), 2, 32, micro_batches=4)
+    assert four.boundary_activation_bytes == 4 * one.boundary_activation_bytes
+    assert four.boundary_grad_bytes == 4 * one.boundary_grad_bytes
+    assert four.logits_bytes == one.logits_bytes  # one micro-batch reaches the head at a time
+    assert four.resident_blocks <= one.resident_blocks
+    paged_one = one.io_bytes_per_step / (config.n_layers - one.resident_blocks)
+    paged_four = four.io_bytes_per_step / (config.n_layers - four.resident_blocks)
+    assert paged_one == paged_four
+
+
+def test_activation_modes():
+    config = get_preset("llama3-8b")
+    recompute = make_plan(config, profile("100GiB"), 1, 64)
+    keep = make_plan(config, profile("100GiB", activations="keep"), 1, 64)
+    spill = make_plan(config, profile("100GiB", activations="spill"), 1, 64)
+    saved = block_saved_elements(config, 0, 1, 64) * 4
+    boundary = 64 * config.dim * 4
+    assert keep.kept_activation_bytes == config.n_layers * (saved - boundary)
+    assert keep.block_working_set_bytes == recompute.block_working_set_bytes - saved
+    assert keep.predicted_peak_bytes > recompute.predicted_peak_bytes
+    assert spill.boundary_activation_bytes == 0 and spill.predicted_peak_bytes < recompute.predicted_peak_bytes
+    spilled = config.n_layers * boundary
+    assert (spill.io_read_bytes_per_step, spill.io_write_bytes_per_step) == (spilled, spilled)
+    # keep under paging: only resident blocks keep graphs, paged ones recompute.
+    budget = keep.predicted_peak_bytes - 5 * (keep.block_resident_bytes + saved - boundary)
+    paged_keep = make_plan(config, profile(f"{budget}B", activations="keep"), 1, 64)
+    assert 0 < paged_keep.resident_blocks < config.n_layers
+    assert paged_keep.kept_activation_bytes == paged_keep.resident_blocks * (saved - boundary)
+    assert paged_keep.block_working_set_bytes == recompute.block_working_set_bytes
+
+
+def test_dtypes_and_seed_workload():
+    config = get_preset("sct-70b")
+    bf16 = make_plan(config, profile("100GiB", state_dtype="bfloat16", compute_dtype="bfloat16"), 1, 8)
+    fp32 = make_plan(config, profile("100GiB"), 1, 8)
+    assert bf16.block_moment_bytes * 2 == fp32.block_moment_bytes
+    assert bf16.boundary_activation_bytes * 2 == fp32.boundary_activation_bytes
+    assert any("bfloat16" in note for note in bf16.notes)
+    seed_config = dataclasses.replace(config, attention="seed")
+    seed = make_plan(seed_config, profile("100GiB"), 1, 8, workload="seed")
+    assert seed.embed_head_bytes == seed.logits_bytes == 0
+    assert seed.store_bytes == 12 * count_params(config).seed_spectral
+
+
+def test_to_dict_and_describe():
+    plan = make_plan(get_preset("llama3-8b"), profile("3GiB"), 1, 8)
+    data = plan.to_dict()
+    for key in (
+        "resident_blocks",
+        "prefetch_depth",
+        "inflight_blocks",
+        "predicted_peak_bytes",
+        "store_bytes",
+        "io_read_bytes_per_step",
+        "io_write_bytes_per_step",
+        "io_bytes_per_step",
+        "io_seconds_per_step",
+        "block_weight_bytes",
+        "block_moment_bytes",
+        "block_grad_bytes",
+        "embed_head_bytes",
+        "boundary_activation_bytes",
+        "block_working_set_bytes",
+        "logits_bytes",
+        "runtime_overhead_bytes",
+        "budget_bytes",
+        "headroom_bytes",
+        "paging",
+        "notes",
+    ):
+        assert key in data, key
+    lines = plan.describe()
+    assert any(line.lstrip().startswith("resident blocks:") for line in lines)
+    assert any("predicted peak RSS" in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"batch": 0}, "batch must be a positive integer"),
+        ({"seq": 10**6}, "longer than"),
+        ({"micro_batches": 0}, "micro_batches"),
+        ({"workload": "chat"}, "workload must be one of"),
+    ],
+)
+def test_bad_plan_inputs(kwargs, match):
+    args = {"batch": 1, "seq": 8, **kwargs}
+    with pytest.raises(SctError, match=match):
+        make_plan(get_preset("tiny"), profile(), **args)
