@@ -18,6 +18,8 @@ COMMAND_MODULES = [
     "init",
     "inspect",
     "verify",
+    "import_",
+    "export",
     "run",
     "bench",
     "profiles",
