@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "import_",
     "export",
     "run",
+    "watch",
     "bench",
     "profiles",
     "memcalc",

@@ -1,0 +1,38 @@
+"""The last events and errors, newest at the bottom, each with the run time it happened at."""
+
+from __future__ import annotations
+
+from textual.content import Content
+
+from tui.format import fmt_clock
+from tui.state import LogLine
+from tui.widgets.base import ViewWidget
+
+LEVEL_STYLE = {"info": "", "good": "$success", "warning": "$warning", "error": "bold $error"}
+SAMPLE_LINES = 6  # a sample's text shows at most this many wrapped lines
+
+
+def log_lines(line: LogLine, width: int) -> list[Content]:
+    """One log entry as screen lines: the first line after its time, the rest (a sample's text) indented."""
+    stamp = fmt_clock(line.elapsed_s).rjust(5) + " "
+    indent = len(stamp)
+    first, *rest = line.text.split("\n")
+    out = Content.assemble((stamp, "dim"), (first, LEVEL_STYLE.get(line.level, ""))).wrap(max(indent + 1, width))
+    body = [piece for text in rest for piece in Content.assemble(text.expandtabs()).wrap(max(1, width - indent))]
+    body = body[:SAMPLE_LINES]
+    return out + [Content.assemble(" " * indent, piece) for piece in body]
+
+
+class EventsPanel(ViewWidget):
+    TITLE = "Events"
+
+    def render(self) -> Content:
+        width, height = self.content_size.width, self.content_size.height
+        shown: list[Content] = []
+        for line in reversed(self.view.log):
+            shown[:0] = log_lines(line, width)
+            if len(shown) >= height:
+                break
+        if not shown:
+            return Content.styled("no events yet", "dim")
+        return Content("\n").join(shown[-height:] if height else shown)
