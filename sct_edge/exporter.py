@@ -18,8 +18,9 @@ from torch import Tensor
 
 from sct_edge.errors import SctError
 from sct_edge.hf_checkpoint import DEFAULT_MAX_SHARD_BYTES, write_hf
+from sct_edge.model import Transformer
 from sct_edge.source_model import expected_shapes
-from sct_edge.store import MANIFEST, Store, block_shard
+from sct_edge.store import MANIFEST, Store, block_shard, param_prefix
 from sct_edge.tokenizer import tokenizer_from_json
 
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -68,6 +69,19 @@ def dense_tensors(store: Store) -> Iterator[tuple[str, Tensor]]:
     if current is not None:
         tensors = {}
         store.release(current)
+
+
+def in_memory_model(store: Store) -> Transformer:
+    """The store's model as one in-memory `Transformer` with the stored factors (copied out of the maps), for
+    small models only: checks and tests that need logits; training and generation page blocks instead."""
+    model = Transformer(store.config, device="meta")
+    state: dict[str, Tensor] = {}
+    for name in store.weight_shard_names():
+        prefix = param_prefix(name)
+        state.update({prefix + key: tensor.clone() for key, tensor in store.read(name).items()})
+        store.release(name)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
 
 
 @dataclass

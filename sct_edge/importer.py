@@ -25,6 +25,7 @@ or the subspace the randomized range finder found) whose singular values are exa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import shutil
 import tempfile
@@ -301,6 +302,20 @@ def open_source(path: str | Path) -> SourceModel:
     return read_gguf(path)
 
 
+def first_layers(source: SourceModel, n_layers: int) -> SourceModel:
+    """The first `n_layers` blocks of `source` with its embedding, final norm and head: a smaller model of the
+    same weights for quick checks (`tools/realmodel_report --layers`)."""
+    if not 1 <= n_layers <= source.config.n_layers:
+        raise SctError(f"{source.path}: layers must be in 1..{source.config.n_layers}, not {n_layers}")
+    config = dataclasses.replace(source.config, n_layers=n_layers)
+    shapes = {
+        name: shape
+        for name, shape in source.shapes.items()
+        if not name.startswith("layers.") or int(name.split(".")[1]) < n_layers
+    }
+    return dataclasses.replace(source, config=config, shapes=shapes)
+
+
 @dataclass
 class ImportResult:
     store: Path
@@ -323,12 +338,17 @@ def _existing_ancestor(path: Path) -> Path:
     return path
 
 
+def _finite(source: SourceModel, name: str) -> Tensor:
+    tensor = source.tensor(name)
+    if not torch.isfinite(tensor).all():
+        raise SctError(f"{source.path}: tensor {name} has non-finite values (NaN or infinity)")
+    return tensor
+
+
 def _convert(source: SourceModel, m: Matrix, spec: RankSpec) -> Factors:
-    w = source.tensor(m.tensor)
+    w = _finite(source, m.tensor)
     if m.component == "embed":
         w = w.T  # the embedding's rows are tokens: as a linear map vocab -> dim it is (dim x vocab)
-    if not torch.isfinite(w).all():
-        raise SctError(f"{source.path}: tensor {m.tensor} has non-finite values (NaN or infinity)")
     try:
         if spec.mode == "energy":
             return factorize(w, energy=float(spec.value))
@@ -405,7 +425,7 @@ def import_model(
             return {f"{key}.{name}": factors[name] for name in ("U", "s", "V")}
 
         def matrix(path: str, key: str, tensor: str) -> dict[str, Tensor]:
-            return staged(path, key) if path in ranks else {f"{key}.weight": source.tensor(tensor)}
+            return staged(path, key) if path in ranks else {f"{key}.weight": _finite(source, tensor)}
 
         by_layer: dict[int, list[Matrix]] = {}
         for m in matrices(config):
@@ -417,12 +437,12 @@ def import_model(
             if name == "embed":
                 return matrix("embed", "embed", "embed.weight")
             if name == "head":
-                tensors = {"norm.weight": source.tensor("norm.weight")}
+                tensors = {"norm.weight": _finite(source, "norm.weight")}
                 if not config.tie_embeddings:
                     tensors.update(matrix("head", "head", "head.weight"))
                 return tensors
             prefix = f"layers.{blocks[name]}."
-            tensors = {key: source.tensor(prefix + key) for key in ("attn_norm.weight", "mlp_norm.weight")}
+            tensors = {key: _finite(source, prefix + key) for key in ("attn_norm.weight", "mlp_norm.weight")}
             for m in by_layer[blocks[name]]:
                 tensors.update(matrix(m.path, m.path.removeprefix(prefix), m.tensor))
             return tensors

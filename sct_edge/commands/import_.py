@@ -83,29 +83,31 @@ def run(args: argparse.Namespace) -> int:
         dense=args.dense,
         components={c: getattr(args, f"{c}_rank") for c in COMPONENTS if getattr(args, f"{c}_rank") is not None},
     )
-    show = not args.quiet
-    bar = tqdm(total=0, unit="matrix", disable=not show, file=sys.stderr, dynamic_ncols=True)
+    bars: dict[str, tqdm] = {}
+
+    def bar(kind: str, total: int, **style) -> tqdm:
+        if kind not in bars:
+            for other in bars.values():
+                other.close()
+            bars[kind] = tqdm(total=total, file=sys.stderr, dynamic_ncols=True, **style)
+        return bars[kind]
 
     def on_matrix(row: dict, done: int, total: int) -> None:
-        if bar.total != total:
-            bar.reset(total=total)
-            bar.set_description("factoring")
-        bar.update(done - bar.n)
-        bar.set_postfix_str(f"{row['matrix']} rank {row['rank']} energy {row['kept_energy']:.4f}")
+        b = bar("factor", total, unit="matrix", desc="factoring")
+        b.update(done - b.n)
+        b.set_postfix_str(f"{row['matrix']} rank {row['rank']} energy {row['kept_energy']:.4f}")
 
     def on_shard(name: str, done: int, total: int) -> None:
-        if bar.unit != "B":
-            bar.reset(total=total)
-            bar.unit, bar.unit_scale, bar.unit_divisor = "B", True, 1024
-            bar.set_description("writing")
-        bar.update(done - bar.n)
-        bar.set_postfix_str(name)
+        b = bar("write", total, unit="B", unit_scale=True, unit_divisor=1024, desc="writing")
+        b.update(done - b.n)
+        b.set_postfix_str(name)
 
     try:
         result = import_model(source, Path(args.store), policy, state_dtype=args.state_dtype,
-                              on_matrix=on_matrix, on_shard=on_shard)
+                              on_matrix=None if args.quiet else on_matrix, on_shard=None if args.quiet else on_shard)
     finally:
-        bar.close()
+        for b in bars.values():
+            b.close()
     c = result.config
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     kind = "GGUF file" if source.path.is_file() else "Hugging Face directory"
