@@ -45,7 +45,7 @@ class InMemoryStep:
         for x, y in micro_batches:
             loss = self.loss(x, y) / (n if self.workload == "lm" else 1)
             loss.backward()
-            total += float(loss)
+            total += loss.item()
         if self.optim_config.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_([p for _, p in self.named], self.optim_config.max_grad_norm)
         self.optimizer.step()

@@ -24,7 +24,7 @@ def spectral_apply(x: Tensor, U: Tensor, s: Tensor, V: Tensor) -> Tensor:
 def random_orthonormal(n: int, k: int, generator: torch.Generator | None = None) -> Tensor:
     """n × k with orthonormal columns: sign-corrected QR of a Gaussian matrix (Haar-distributed)."""
     q, r = torch.linalg.qr(torch.randn(n, k, generator=generator))
-    return q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)
+    return (q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)).contiguous()
 
 
 def init_scale(n_in: int, n_out: int, rank: int, std: float) -> float:
