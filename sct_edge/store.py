@@ -706,10 +706,12 @@ class Store:
         except OSError as error:
             with suppress(FileNotFoundError):
                 tmp.unlink()
-            raise SctError(
-                f"shard {name}: {_io_problem(error)} while writing {self.path / file}; the store stays "
-                f"at its last committed step {self.step}"
-            ) from None
+            outcome = (
+                "the partial store is removed"
+                if version == 0
+                else f"the store stays at its last committed step {self.step}"
+            )
+            raise SctError(f"shard {name}: {_io_problem(error)} while writing {self.path / file}; {outcome}") from None
         _mark_verified(self.path / file, written.crc32)
         with self._mutex:
             self.bytes_written += written.bytes

@@ -22,7 +22,7 @@ from sct_edge.config import ModelConfig, RankPolicy, get_preset
 from sct_edge.errors import SctError
 from sct_edge.model import Transformer
 from sct_edge.shardfile import crc32_combine, crc32_zeros
-from sct_edge.store import MANIFEST, Store, param_prefix
+from sct_edge.store import MANIFEST, Store, initial_tensors, param_prefix
 
 
 def tiny() -> ModelConfig:
@@ -101,6 +101,20 @@ def test_create_refuses_non_empty_directory(tmp_path):
     with pytest.raises(SctError, match="already exists and is not empty"):
         Store.create(tmp_path / "s", tiny())
     assert snapshot(tmp_path / "s") == {"notes.txt": (4, zlib.crc32(b"mine"))}
+
+
+def test_create_failing_midway_removes_what_it_wrote(tmp_path):
+    config = tiny()
+
+    def source(name: str) -> dict[str, torch.Tensor]:
+        tensors = initial_tensors(config, 0, name)
+        if name == "block.002":
+            tensors["mlp.up.U"] = torch.zeros(3, 3)
+        return tensors
+
+    with pytest.raises(SctError, match=r"initial tensor mlp.up.U of shard block.002 has shape \[3, 3\]"):
+        Store.create(tmp_path / "s", config, tensors=source)
+    assert not (tmp_path / "s").exists()
 
 
 def test_shards_are_standard_safetensors_with_metadata(base_store):
