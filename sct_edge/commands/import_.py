@@ -33,23 +33,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "U diag(s) Vᵀ by a truncated SVD. Give exactly one of --rank, --energy, --full-rank, --dense; the "
         "embedding and LM head stay dense unless a per-component flag (or --full-rank) says otherwise.",
     )
-    p.add_argument("source", metavar="SOURCE", help="Hugging Face model directory (config.json, safetensors, "
-                   "tokenizer.json) or GGUF file (LLaMA architecture)")
+    p.add_argument(
+        "source",
+        metavar="SOURCE",
+        help="Hugging Face model directory (config.json, safetensors, "
+        "tokenizer.json) or GGUF file (LLaMA architecture)",
+    )
     p.add_argument("store", metavar="STORE", help="directory to create the store in (new or empty)")
     base = p.add_mutually_exclusive_group(required=True)
     base.add_argument("--rank", type=int, help="fixed rank of every attention and MLP matrix")
-    base.add_argument("--energy", type=float, help="per matrix, the smallest rank keeping this fraction of "
-                      "the spectral energy Σσ² (e.g. 0.95)")
-    base.add_argument("--full-rank", action="store_true", help="every matrix, embedding and head included, at "
-                      "rank min(in, out): exact up to rounding")
-    base.add_argument("--dense", action="store_true", help="keep every matrix dense (the dense fine-tuning "
-                      "baseline)")
+    base.add_argument(
+        "--energy",
+        type=float,
+        help="per matrix, the smallest rank keeping this fraction of the spectral energy Σσ² (e.g. 0.95)",
+    )
+    base.add_argument(
+        "--full-rank",
+        action="store_true",
+        help="every matrix, embedding and head included, at rank min(in, out): exact up to rounding",
+    )
+    base.add_argument("--dense", action="store_true", help="keep every matrix dense (the dense fine-tuning baseline)")
     for component in COMPONENTS:
-        p.add_argument(f"--{component}-rank", type=_component_rank, metavar="RANK",
-                       help=f"rank of the {component} matrices: an integer, 'dense', 'energy' (follow --energy) "
-                       f"or 'full'" + (" (default: dense)" if component in ("embed", "head") else ""))
-    p.add_argument("--state-dtype", choices=list(STATE_DTYPES), default="float32",
-                   help="dtype of the AdamW moments in the store (default float32)")
+        p.add_argument(
+            f"--{component}-rank",
+            type=_component_rank,
+            metavar="RANK",
+            help=f"rank of the {component} matrices: an integer, 'dense', 'energy' (follow --energy) "
+            f"or 'full'" + (" (default: dense)" if component in ("embed", "head") else ""),
+        )
+    p.add_argument(
+        "--state-dtype",
+        choices=list(STATE_DTYPES),
+        default="float32",
+        help="dtype of the AdamW moments in the store (default float32)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar, only the summary")
     p.set_defaults(func=run)
 
@@ -103,8 +120,14 @@ def run(args: argparse.Namespace) -> int:
         b.set_postfix_str(name)
 
     try:
-        result = import_model(source, Path(args.store), policy, state_dtype=args.state_dtype,
-                              on_matrix=None if args.quiet else on_matrix, on_shard=None if args.quiet else on_shard)
+        result = import_model(
+            source,
+            Path(args.store),
+            policy,
+            state_dtype=args.state_dtype,
+            on_matrix=None if args.quiet else on_matrix,
+            on_shard=None if args.quiet else on_shard,
+        )
     finally:
         for b in bars.values():
             b.close()
@@ -112,11 +135,15 @@ def run(args: argparse.Namespace) -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     kind = "GGUF file" if source.path.is_file() else "Hugging Face directory"
     print(f"imported {c.name} from the {kind} {source.path} into {result.store}")
-    print(f"  model  {c.n_layers} layers, dim {c.dim}, ffn {c.ffn_dim}, heads {c.n_heads}/{c.n_kv_heads} kv, "
-          f"vocab {c.vocab_size}, {'tied' if c.tie_embeddings else 'untied'} embeddings")
+    print(
+        f"  model  {c.n_layers} layers, dim {c.dim}, ffn {c.ffn_dim}, heads {c.n_heads}/{c.n_kv_heads} kv, "
+        f"vocab {c.vocab_size}, {'tied' if c.tie_embeddings else 'untied'} embeddings"
+    )
     for line in summary_lines(result):
         print(line)
-    print(f"  time   {result.seconds:.1f} s ({result.convert_seconds:.1f} s reading and factoring, "
-          f"{result.write_seconds:.1f} s writing the store); peak RSS {format_bytes(peak)}")
+    print(
+        f"  time   {result.seconds:.1f} s ({result.convert_seconds:.1f} s reading and factoring, "
+        f"{result.write_seconds:.1f} s writing the store); peak RSS {format_bytes(peak)}"
+    )
     print(f"  see `sct-edge inspect {result.store}` for every matrix's rank, kept energy and error")
     return 0
