@@ -55,13 +55,11 @@ class SctEdgeApp(App[int]):
         self.producer_done = False
         self.failure: BaseException | None = None
         self.result_code = 0
+        self.footer_state: tuple[bool, bool] | None = None
         self.run_screen = RunScreen(self.view, read_only=self.control is None)
 
     def get_default_screen(self) -> RunScreen:
         return self.run_screen
-
-    def on_mount(self) -> None:
-        self.sub_title = self.source.description
 
     def on_ready(self) -> None:
         # The screen is composed now: fold in what is already there (a recording: all of it), then go live.
@@ -93,21 +91,25 @@ class SctEdgeApp(App[int]):
             self.redraw()
 
     def poll_memory(self) -> None:
-        self.view.apply({"event": "memory", **memory_snapshot()})
+        self.view.apply({"event": "memory", "time": time.time(), **memory_snapshot()})
         self.redraw()
 
     def redraw(self) -> None:
-        control = self.control
-        steerable = control is not None and not (self.producer_done or self.stopping or self.view.ended)
-        self.run_screen.show(self.view, self.note(), paused=control is not None and control.paused,
-                             steerable=steerable)
-        self.refresh_bindings()
+        view, control = self.view, self.control
+        run = f"{view.preset} on profile {view.profile} · " if view.preset else ""
+        self.sub_title = run + self.source.description
+        steerable = control is not None and not (self.producer_done or self.stopping or view.ended)
+        paused = control is not None and control.paused
+        self.run_screen.show(view, self.note(), paused=paused, steerable=steerable)
+        if (paused, steerable) != self.footer_state:
+            self.footer_state = (paused, steerable)
+            self.refresh_bindings()  # the footer recomposes: only when what it shows changes
 
     def note(self) -> str | None:
         """What was asked and not yet answered by the run's events."""
         control, view = self.control, self.view
         if control is None:
-            return "read-only: steer the run from its own window"
+            return None  # read-only: the controls row says so
         if self.stopping:
             return "stopping: committing, then exit…"
         if self.producer_done or view.ended:

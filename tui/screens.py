@@ -29,6 +29,8 @@ STEERING = ("pause", "commit", "evaluate", "sample")
 
 class RunScreen(Screen):
     VERTICAL_BREAKPOINTS = [(0, "-short"), (36, "-tall")]
+    # Nothing takes focus: keys are the way in, and no action needs Tab.
+    AUTO_FOCUS = None
 
     def __init__(self, view: RunView, read_only: bool) -> None:
         super().__init__()
@@ -47,16 +49,15 @@ class RunScreen(Screen):
             yield EventsPanel(self.view, id="events")
         with Horizontal(id="controls"):
             for button_id, label, action in BUTTONS:
-                steer = "steer" if button_id in STEERING else ""
-                yield Button(label, id=button_id, action=action, compact=True, classes=steer)
+                button = Button(label, id=button_id, action=action, compact=True,
+                                classes="steer" if button_id in STEERING else "")
+                button.can_focus = False
+                yield button
             yield Label("watching: read-only, steer the run from its own window", id="read-only")
         yield Footer()
 
     def on_mount(self) -> None:
         self.set_class(self.read_only, "-read-only")
-        # Buttons take focus from nothing: keys are the way in, and no action needs Tab.
-        for button in self.query(Button):
-            button.can_focus = False
 
     def show(self, view: RunView, note: str | None, paused: bool, steerable: bool) -> None:
         """Redraw every panel from `view`; `note` is the app's pending request, if any."""

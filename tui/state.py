@@ -48,6 +48,7 @@ class RunView:
     rss_file_bytes: int | None = None
     peak_rss_bytes: int | None = None
     available_bytes: int | None = None
+    memory_at: float | None = None  # `time` of the latest reading
     # The layer map: one state of BLOCK_STATES per block.
     blocks: list[str] = field(default_factory=list)
     # Progress.
@@ -81,6 +82,7 @@ class RunView:
     throttle_reason: str | None = None
     # Events and errors.
     log: deque[LogLine] = field(default_factory=lambda: deque(maxlen=LOG_LINES))
+    logged: int = 0  # lines ever logged (the deque drops old ones)
     last_error: str | None = None
     last_commit_step: int | None = None
     last_sample: str | None = None
@@ -102,6 +104,7 @@ class RunView:
 
     def _log(self, event: dict, text: str, level: str = "info") -> None:
         self.log.append(LogLine(self.elapsed(event), text, level))
+        self.logged += 1
 
     # ------------------------------------------------------------------ handlers, one per event kind
 
@@ -128,6 +131,7 @@ class RunView:
         self._log(e, f"start: {self.preset or 'model'} on profile {self.profile}, {self.total_steps} steps{resumed}")
 
     def _on_memory(self, e: dict) -> None:
+        self.memory_at = e.get("time", self.memory_at)
         for key in ("rss_bytes", "rss_anon_bytes", "rss_file_bytes", "available_bytes"):
             if e.get(key) is not None:
                 setattr(self, key, e[key])

@@ -5,19 +5,25 @@ from __future__ import annotations
 from textual.content import Content
 
 from tui.format import fmt_clock
-from tui.state import LogLine
+from tui.state import LogLine, RunView
 from tui.widgets.base import ViewWidget
 
 LEVEL_STYLE = {"info": "", "good": "$success", "warning": "$warning", "error": "bold $error"}
 SAMPLE_LINES = 6  # a sample's text shows at most this many wrapped lines
+ROOMY = 8  # below this many lines, every entry gets one line so a long sample cannot hide the rest
 
 
-def log_lines(line: LogLine, width: int) -> list[Content]:
-    """One log entry as screen lines: the first line after its time, the rest (a sample's text) indented."""
+def log_lines(line: LogLine, width: int, roomy: bool) -> list[Content]:
+    """One log entry as screen lines: the first line after its time, the rest (a sample's text) indented;
+    or all of it on one cropped line when the panel is short."""
     stamp = fmt_clock(line.elapsed_s).rjust(5) + " "
     indent = len(stamp)
+    style = LEVEL_STYLE.get(line.level, "")
+    if not roomy:
+        flat = " ".join(line.text.split())
+        return [Content.assemble((stamp, "dim"), (flat, style)).truncate(width, ellipsis=True)]
     first, *rest = line.text.split("\n")
-    out = Content.assemble((stamp, "dim"), (first, LEVEL_STYLE.get(line.level, ""))).wrap(max(indent + 1, width))
+    out = Content.assemble((stamp, "dim"), (first, style)).wrap(max(indent + 1, width))
     body = [piece for text in rest for piece in Content.assemble(text.expandtabs()).wrap(max(1, width - indent))]
     body = body[:SAMPLE_LINES]
     return out + [Content.assemble(" " * indent, piece) for piece in body]
@@ -26,11 +32,14 @@ def log_lines(line: LogLine, width: int) -> list[Content]:
 class EventsPanel(ViewWidget):
     TITLE = "Events"
 
+    def signature(self, v: RunView) -> tuple:
+        return (v.logged,)
+
     def render(self) -> Content:
         width, height = self.content_size.width, self.content_size.height
         shown: list[Content] = []
         for line in reversed(self.view.log):
-            shown[:0] = log_lines(line, width)
+            shown[:0] = log_lines(line, width, roomy=height >= ROOMY)
             if len(shown) >= height:
                 break
         if not shown:

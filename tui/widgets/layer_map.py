@@ -6,7 +6,7 @@ from __future__ import annotations
 from textual.content import Content
 
 from tui.format import fit
-from tui.state import BLOCK_STATES
+from tui.state import BLOCK_STATES, RunView
 from tui.widgets.base import ViewWidget
 
 STATE_STYLE = {
@@ -45,6 +45,10 @@ class LayerMap(ViewWidget):
     """Blocks wrap into rows; cells show the block number while that fits in a few rows."""
 
     TITLE = "Layers"
+    laid_out_blocks = 0
+
+    def signature(self, v: RunView) -> tuple:
+        return tuple(v.blocks), v.resident_blocks
 
     def show(self, view) -> None:
         counts = {s: view.blocks.count(s) for s in BLOCK_STATES}
@@ -52,6 +56,10 @@ class LayerMap(ViewWidget):
         self.border_title = f"Layers: {view.n_blocks} blocks{kept}"
         self.border_subtitle = " ".join(f"{counts[s]} {LEGEND_NAME[s]}" for s in BLOCK_STATES[1:] if counts[s])
         super().show(view)
+        if len(view.blocks) != self.laid_out_blocks:
+            # The number of rows may change: at the start of a run, not with every event.
+            self.laid_out_blocks = len(view.blocks)
+            self.refresh(layout=True)
 
     def render(self) -> Content:
         blocks, width = self.view.blocks, max(1, self.content_size.width)

@@ -55,6 +55,9 @@ def optim_line(v: RunView, width: int) -> Content:
 class NumberLine(ViewWidget):
     """One line of numbers, re-fitted to the width at every render."""
 
+    def signature(self, v: RunView) -> tuple:
+        return len(v.losses), len(v.val_losses), v.lr_spectral, v.lr_dense, v.ortho_err, v.grad_norm
+
     def __init__(self, view: RunView, line: Callable[[RunView, int], Content], *, id: str | None = None) -> None:
         super().__init__(view, id=id)
         self.line = line
@@ -74,9 +77,9 @@ class LossChart(Vertical):
     def compose(self) -> ComposeResult:
         yield NumberLine(self.view, loss_line, id="loss-numbers")
         # Each cell summarises a run of steps by their mean: spikes stay visible without dominating.
-        yield Sparkline(self.view.losses, summary_function=statistics.fmean, id="loss-curve")
+        yield Sparkline(list(self.view.losses), summary_function=statistics.fmean, id="loss-curve")
         yield NumberLine(self.view, val_line, id="val-numbers")
-        yield Sparkline(self.view.val_losses, summary_function=statistics.fmean, id="val-curve")
+        yield Sparkline(list(self.view.val_losses), summary_function=statistics.fmean, id="val-curve")
         yield NumberLine(self.view, optim_line, id="optim-numbers")
 
     def show(self, view: RunView) -> None:

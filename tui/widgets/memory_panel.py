@@ -5,6 +5,7 @@ from __future__ import annotations
 from textual.content import Content
 
 from tui.format import bar, fit, fmt_bytes
+from tui.state import RunView
 from tui.widgets.base import ViewWidget
 
 WARN_FRACTION = 0.8  # of the budget: the bar turns warning-coloured
@@ -24,11 +25,16 @@ class MemoryPanel(ViewWidget):
 
     TITLE = "RAM headroom"
 
+    def signature(self, v: RunView) -> tuple:
+        return v.budget_bytes, v.rss_bytes, v.rss_anon_bytes, v.rss_file_bytes, v.peak_rss_bytes, v.available_bytes
+
     def show(self, view) -> None:
-        fraction = self.fraction()
-        self.set_class(fraction is not None and fraction >= WARN_FRACTION, "-near-budget")
-        self.set_class(fraction is not None and fraction >= DANGER_FRACTION, "-over-budget")
         super().show(view)
+        fraction = self.fraction()
+        for name, threshold in (("-near-budget", WARN_FRACTION), ("-over-budget", DANGER_FRACTION)):
+            wanted = fraction is not None and fraction >= threshold
+            if self.has_class(name) != wanted:  # a class change restyles the widget: only when it changes
+                self.set_class(wanted, name)
 
     def fraction(self) -> float | None:
         v = self.view

@@ -38,13 +38,17 @@ def phase_text(v: RunView) -> Content:
 class ProgressPanel(ViewWidget):
     TITLE = "Progress"
 
+    def signature(self, v: RunView) -> tuple:
+        return (v.step, v.total_steps, v.phase, v.phase_block, v.n_blocks, v.tokens_per_s, v.step_s, v.eta_s,
+                tuple(v.phase_s.items()), v.paused_reason, v.ended, v.end_reason, bool(v.losses))
+
     def show(self, view: RunView) -> None:
         # Paging traffic on the bottom border: it costs no line at 80×24.
         if view.bytes_read is None:
             self.border_subtitle = ""
         else:
-            read, wrote = fmt_bytes(view.bytes_read), fmt_bytes(view.bytes_written)
-            self.border_subtitle = f"disk a step: read {read}, wrote {wrote}"
+            # The arrows match the layer map's: ↓ read in, ↑ written back.
+            self.border_subtitle = f"disk a step ↓{fmt_bytes(view.bytes_read)} ↑{fmt_bytes(view.bytes_written)}"
         super().show(view)
 
     def render(self) -> Content:
@@ -66,7 +70,7 @@ class ProgressPanel(ViewWidget):
 
     def split(self, width: int) -> Content:
         """The last step's time by phase: seconds when they fit, else shares."""
-        phases = [(k, s) for k, s in self.view.phase_s.items() if k in PHASE_NAMES and s > 0]
+        phases = [(k, self.view.phase_s[k]) for k in PHASE_NAMES if self.view.phase_s.get(k, 0) > 0]
         if not phases:
             return Content.styled("time by phase: after the first step", "dim")
         total = sum(s for _, s in phases) or 1.0

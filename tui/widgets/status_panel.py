@@ -55,10 +55,19 @@ class StatusPanel(ViewWidget):
     def __init__(self, view: RunView, *, id: str | None = None) -> None:
         super().__init__(view, id=id)
         self.note: str | None = None
+        self.shows_error = False
+
+    def signature(self, v: RunView) -> tuple:
+        battery = tuple(v.battery.items()) if v.battery else None
+        return (v.ended, v.end_reason, v.paused_reason, v.throttle_threads, v.throttle_reason, v.started_at is None,
+                battery, v.temperature_c, v.last_commit_step, v.profile, v.batch, v.seq, v.last_error)
 
     def show(self, view: RunView) -> None:
         self.border_subtitle = self.note or ""
         super().show(view)
+        if bool(view.last_error) != self.shows_error:
+            self.shows_error = bool(view.last_error)
+            self.refresh(layout=True)  # one more line
 
     def render(self) -> Content:
         v, width = self.view, self.content_size.width
