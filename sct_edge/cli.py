@@ -22,6 +22,8 @@ COMMAND_MODULES = [
     "export",
     "run",
     "watch",
+    "eval",
+    "generate",
     "bench",
     "profiles",
     "memcalc",

@@ -24,6 +24,7 @@ then the real backward pass with the gradients scaled; it costs one extra backwa
 
 from __future__ import annotations
 
+import ctypes
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,6 +42,19 @@ from sct_edge.retraction import retract_
 from sct_edge.store import block_shard, optim_shard
 
 EventSink = Callable[[dict], None]
+MAX_PENDING_WRITES = 2  # shards (one block's weights and moments) queued for write-back at most
+
+
+def tune_malloc() -> None:
+    """Return freed memory to the OS promptly (glibc): paged blocks come and go as large allocations, and
+    glibc's default thresholds keep tens of MB of them cached, which the resident set would show."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc (macOS, musl): nothing to tune
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 65536)
+    libc.mallopt(m_trim_threshold, 0)
 
 
 def strip_prefix(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -135,6 +149,9 @@ class Residency:
         if modified:
             self._emit(name, "writing")
             cpu = {k: v.detach().cpu() if v.device.type != "cpu" else v.detach() for k, v in tensors.items()}
+            # The plan budgets one block (weights + moments) waiting for the disk; wait rather than queue more.
+            while len(self.writes) >= MAX_PENDING_WRITES:
+                self.writes.pop(0).result()
             self.writes.append(self.writer.submit(self._write, name, cpu))
         else:
             self._emit(name, "disk")
@@ -179,6 +196,7 @@ class StreamingStep:
         on_event: EventSink | None = None,
         activations: str = "recompute",
     ) -> None:
+        tune_malloc()
         self.store = store
         self.activations = activations
         self.config: ModelConfig = store.config

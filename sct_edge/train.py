@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from sct_edge.config import RankPolicy, get_preset
+from sct_edge.config import ModelConfig, RankPolicy, get_preset
 from sct_edge.data import BatchSampler, Corpus, eval_batches, prepare_corpus
 from sct_edge.errors import SctError
 from sct_edge.events import Control, EventLog, memory_snapshot
@@ -36,6 +36,7 @@ from sct_edge.tokenizer import ByteTokenizer, tokenizer_from_json
 
 # Settings that shape the trajectory: recorded in the store at the first commit, reused on resume.
 DEFAULT_STEPS = 600
+DEFAULT_PRESET = "tiny"
 TRAJECTORY_FIELDS = (
     "data", "batch", "seq", "micro_batches", "lr_spectral", "lr_dense", "warmup", "min_lr_ratio",
     "weight_decay", "clip", "seed", "steps",
@@ -57,7 +58,7 @@ class RunConfig:
     profile: str = "steamdeck"
     budget: str | None = None
     store: Path | None = None
-    preset: str = "tiny"
+    preset: str | None = None  # None: "tiny" for a new store; for an existing store, whatever it holds
     rank: int | None = None
     dense: bool = False
     data: list[str] = field(default_factory=list)
@@ -82,8 +83,8 @@ class RunConfig:
     def store_path(self) -> Path:
         if self.store is not None:
             return self.store
-        name = f"{self.preset}-dense" if self.dense else self.preset
-        return default_data_dir() / "stores" / name
+        preset = self.preset or DEFAULT_PRESET
+        return default_data_dir() / "stores" / (f"{preset}-dense" if self.dense else preset)
 
 
 def lr_scale(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -104,38 +105,41 @@ class Trainer:
 
     # ------------------------------------------------------------------ set-up
 
-    def _open_store(self) -> Store:
+    def _existing_store(self, path: Path) -> Store | None:
         run = self.run_config
-        path = run.store_path()
-        if (path / MANIFEST).exists():
-            store = Store.open(path)
-            if run.store is None and store.config.name != run.preset:
-                raise SctError(f"default store {path} holds preset {store.config.name}, not {run.preset}")
-            return store
-        if run.resume:
-            raise SctError(f"--resume: there is no store at {path} to resume")
-        config = get_preset(run.preset)
+        if not (path / MANIFEST).exists():
+            if run.resume:
+                raise SctError(f"--resume: there is no store at {path} to resume")
+            return None
+        store = Store.open(path)
+        if run.preset is not None and store.config.name != run.preset:
+            raise SctError(f"store {path} holds a {store.config.name} model, not {run.preset}")
+        return store
+
+    def _new_config(self) -> ModelConfig:
+        run = self.run_config
+        config = get_preset(run.preset or DEFAULT_PRESET)
         if run.rank is not None:
             config = config.with_ranks(RankPolicy.uniform(run.rank, dense_embeddings=config.ranks.embed is None))
         if run.dense:
             config = dense_config(config)
         config.validate()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return Store.create(path, config, seed=run.seed, state_dtype=getattr(torch, self.profile.state_dtype),
-                            tokenizer_json=ByteTokenizer().to_json())
+        return config
 
-    def _settings(self, store: Store) -> dict:
+    def _settings(self, store: Store | None) -> dict:
         """The trajectory settings: the store's when it has a run, else this invocation's."""
         run = self.run_config
-        saved = store.state.get("run")
+        saved = None if store is None else store.state.get("run")
         if saved is None or store.step == 0:
-            if run.resume:
-                raise SctError(f"--resume: store {store.path} has no committed training step to resume from")
+            # Nothing committed yet (a run killed before its first commit): start from the beginning.
             settings = {k: getattr(run, k) for k in TRAJECTORY_FIELDS}
             settings["steps"] = run.steps or DEFAULT_STEPS
             return settings
         # Running on a trained store continues its run: what shapes the trajectory comes from the store;
-        # only the total may be raised (`--steps`).
+        # only the total may change (`--steps`). Other data would silently be a different run: refuse it.
+        if run.data and run.data != saved["data"]:
+            raise SctError(f"store {store.path} continues a run on {', '.join(saved['data']) or 'the default corpus'}"
+                           f"; --data names other text (train a new store for a new run)")
         return {**saved, "steps": run.steps or saved["steps"]}
 
     # ------------------------------------------------------------------ the run
@@ -152,18 +156,26 @@ class Trainer:
     def _run(self) -> int:
         run, profile, events = self.run_config, self.profile, self.events
         torch.set_num_threads(profile.threads)
-        store = self._open_store()
+        # Everything that can refuse the run (store, settings, budget, data) is checked before anything is
+        # written, so bad input leaves no new store behind.
+        path = run.store_path()
+        store = self._existing_store(path)
+        config = store.config if store is not None else self._new_config()
+        tokenizer = tokenizer_from_json(store.tokenizer_json()) if store is not None else ByteTokenizer()
+        settings = self._settings(store)
+        total = settings["steps"]
+        seq = min(settings["seq"], config.max_seq_len)
+        plan = make_plan(config, profile, settings["batch"], seq, settings["micro_batches"], "lm")
+        corpus = prepare_corpus([Path(p) for p in settings["data"]] or None, tokenizer,
+                                path.with_name(path.name + ".tokens"))
+        sampler = BatchSampler(corpus.train, settings["batch"], seq, settings["seed"])
+        if store is None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            store = Store.create(path, config, seed=run.seed, state_dtype=getattr(torch, profile.state_dtype),
+                                 tokenizer_json=tokenizer.to_json())
         with store.lock():
-            settings = self._settings(store)
-            total = settings["steps"]
-            tokenizer = tokenizer_from_json(store.tokenizer_json())
-            seq = min(settings["seq"], store.config.max_seq_len)
-            corpus = prepare_corpus([Path(p) for p in settings["data"]] or None, tokenizer,
-                                    store.path.with_name(store.path.name + ".tokens"))
-            sampler = BatchSampler(corpus.train, settings["batch"], seq, settings["seed"])
             if store.step > 0 and "sampler" in store.state:
                 sampler.load_state_dict(store.state["sampler"])
-            plan = make_plan(store.config, profile, settings["batch"], seq, settings["micro_batches"], "lm")
             optim = OptimConfig(lr_spectral=settings["lr_spectral"], lr_dense=settings["lr_dense"],
                                 weight_decay=settings["weight_decay"], max_grad_norm=settings["clip"])
             engine = StreamingStep(store, plan.resident_blocks, plan.prefetch_depth, optim, self.device,
@@ -295,3 +307,11 @@ class MemoryMonitor:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def inference_engine(store: Store, profile_name: str, budget: str | None, seq: int) -> StreamingStep:
+    """A streamed engine for evaluation and generation: blocks paged under the profile as in training."""
+    profile = load_profile(profile_name, budget)
+    torch.set_num_threads(profile.threads)
+    plan = make_plan(store.config, profile, 1, min(seq, store.config.max_seq_len), 1, "lm")
+    return StreamingStep(store, plan.resident_blocks, plan.prefetch_depth, OptimConfig(), resolve_device(profile))

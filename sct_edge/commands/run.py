@@ -16,7 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", help="override the profile's memory budget, e.g. 1GiB or 512MB")
     p.add_argument("--store", type=Path, help="store directory to train (created from --preset if missing); "
                    "default: the embedded default store in the user's data directory")
-    p.add_argument("--preset", default="tiny", help="preset for a new store (see `sct-edge presets`)")
+    p.add_argument("--preset", help="preset for a new store (default: tiny; see `sct-edge presets`); with an "
+                   "existing store it must match the model the store holds")
     p.add_argument("--rank", type=int, help="rank of every spectral component of a new store (default: the preset's)")
     p.add_argument("--dense", action="store_true", help="train the same architecture with dense weights (baseline)")
     p.add_argument("--data", nargs="+", default=[], metavar="PATH",
@@ -48,6 +49,9 @@ def run_config_from_args(args: argparse.Namespace):
             raise SctError(f"--{flag.replace('_', '-')} must be at least 1")
     if args.steps is not None and args.steps < 1:
         raise SctError("--steps must be at least 1")
+    for path in args.data:
+        if not Path(path).exists():
+            raise SctError(f"--data {path}: no such file or directory")
     return RunConfig(
         profile=args.profile, budget=args.budget, store=args.store, preset=args.preset, rank=args.rank,
         dense=args.dense, data=[str(Path(p).resolve()) for p in args.data], steps=args.steps,
