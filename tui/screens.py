@@ -28,7 +28,7 @@ STEERING = ("pause", "commit", "evaluate", "sample")
 
 
 class RunScreen(Screen):
-    VERTICAL_BREAKPOINTS = [(0, "-short"), (36, "-tall")]
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (30, "-tall")]
     # Nothing takes focus: keys are the way in, and no action needs Tab.
     AUTO_FOCUS = None
 

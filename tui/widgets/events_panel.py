@@ -23,10 +23,12 @@ def log_lines(line: LogLine, width: int, roomy: bool) -> list[Content]:
         flat = " ".join(line.text.split())
         return [Content.assemble((stamp, "dim"), (flat, style)).truncate(width, ellipsis=True)]
     first, *rest = line.text.split("\n")
-    out = Content.assemble((stamp, "dim"), (first, style)).wrap(max(indent + 1, width))
-    body = [piece for text in rest for piece in Content.assemble(text.expandtabs()).wrap(max(1, width - indent))]
-    body = body[:SAMPLE_LINES]
-    return out + [Content.assemble(" " * indent, piece) for piece in body]
+    text_width = max(1, width - indent)
+    head = Content.assemble((first, style)).wrap(text_width)
+    body = [piece for text in rest for piece in Content.assemble(text.expandtabs()).wrap(text_width)]
+    return [Content.assemble((stamp, "dim"), head[0])] + [
+        Content.assemble(" " * indent, piece) for piece in head[1:] + body[:SAMPLE_LINES]
+    ]
 
 
 class EventsPanel(ViewWidget):
