@@ -39,10 +39,12 @@ Public API (what the scheduler and trainer call):
     Store.open(path) -> Store;  store.close() / `with Store.open(p) as store:`
     store.config, .step, .state, .generation, .seed, .state_dtype, .extra, .manifest
     store.shard_names(), .weight_shard_names(), .kind(name), .specs(name), .shard_bytes(name), .shard_file(name)
-    store.read(name) -> {key: tensor view}, store.prefetch(name), store.release(name)
+    store.read(name) -> {key: tensor view}, store.prefetch(name), store.release(name), store.mapped_address(name)
     store.lock() (context manager; write/commit/discard take it implicitly), store.write(name, tensors),
     store.commit(step, state), store.discard(), store.verify() -> VerifyReport, store.tokenizer_json()
-    store.bytes_read, store.bytes_written (counters)
+    store.bytes_read, store.bytes_written (counters), store.committed_bytes(), store.create_stats
+An importer passes `tensors=` (a function shard name -> weights) to `create` and puts its per-matrix report in
+`extra={"import_report": {matrix path: {"rank": k, "energy": e, "rel_error": r, ...}}}`; `inspect` shows it.
 Helpers: block_shard(i), optim_shard(name), param_prefix(name), store_layout(config, state_dtype),
 initial_tensors(config, seed, name).
 """
@@ -429,6 +431,11 @@ class Store:
         try:
             return (path / MANIFEST).read_bytes()
         except FileNotFoundError:
+            if any(_SHARD_FILE.match(p.name) for p in path.iterdir()):
+                raise SctError(
+                    f"{path} has shard files but no {MANIFEST}: a store creation was interrupted; "
+                    f"delete the directory and create the store again"
+                ) from None
             raise SctError(f"{path} is not an sct-edge store (no {MANIFEST})") from None
         except OSError as error:
             raise SctError(f"{path / MANIFEST}: cannot read: {error.strerror}") from None

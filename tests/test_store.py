@@ -480,11 +480,15 @@ def test_other_format_versions_say_why(base_store, tmp_path, version, message):
         Store.open(path)
 
 
-def test_not_a_store(tmp_path):
+def test_not_a_store(base_store, tmp_path):
     with pytest.raises(SctError, match="does not exist"):
         Store.open(tmp_path / "nope")
     with pytest.raises(SctError, match="not an sct-edge store"):
         Store.open(tmp_path)
+    path = copy_store(base_store, tmp_path / "s")
+    (path / MANIFEST).unlink()  # what a creation killed before its last step leaves
+    with pytest.raises(SctError, match="has shard files but no manifest.json: a store creation was interrupted"):
+        Store.open(path)
 
 
 # ----------------------------------------------------------------------------------------- full disk
