@@ -74,13 +74,17 @@ def test_fold_of_the_recorded_run(recorded):
     assert view.last_sample == kinds(recorded, "sample")[0]["text"]
     last_step = steps[-1]
     assert (view.lr_spectral, view.ortho_err, view.eta_s) == (
-        last_step["lr_spectral"], last_step["ortho_err"], last_step["eta_s"])
+        last_step["lr_spectral"],
+        last_step["ortho_err"],
+        last_step["eta_s"],
+    )
     texts = [line.text for line in view.log]
     assert any(t.startswith("paused by you") for t in texts) and "resumed" in texts
     assert sum(t.startswith("commit at step") for t in texts) == len(kinds(recorded, "commit"))
     # Log times are relative to the run's start, so a recording renders the same anywhere.
     assert view.log[0].elapsed_s == 0.0 and view.log[-1].elapsed_s == pytest.approx(
-        recorded[-1]["time"] - start["time"])
+        recorded[-1]["time"] - start["time"]
+    )
 
 
 def test_memory_follows_the_latest_reading_and_the_peak_never_drops(recorded):
@@ -153,9 +157,20 @@ def test_policy_events():
 
 def test_formatting():
     assert [fmt_bytes(n) for n in (None, 512, 41 * 1024, 412 * 2**20, 2**30, 1.5 * 2**40)] == [
-        "–", "512 B", "41.0 KiB", "412 MiB", "1.00 GiB", "1.50 TiB"]
+        "–",
+        "512 B",
+        "41.0 KiB",
+        "412 MiB",
+        "1.00 GiB",
+        "1.50 TiB",
+    ]
     assert [fmt_duration(s) for s in (0.534, 42, 185, 7800, 3 * 86400 + 4 * 3600)] == [
-        "0.53 s", "42 s", "3m 05s", "2h 10m", "3d 04h"]
+        "0.53 s",
+        "42 s",
+        "3m 05s",
+        "2h 10m",
+        "3d 04h",
+    ]
     assert [fmt_clock(s) for s in (5, 65, 3725)] == ["0:05", "1:05", "1:02:05"]
 
 
@@ -165,8 +180,11 @@ def test_formatting():
 def mid_step(recorded: list[dict]) -> list[dict]:
     """The recording up to the middle of a backward pass after the pause, commit and sample (as snapshots)."""
     after_sample = next(i for i, e in enumerate(recorded) if e["event"] == "sample")
-    cut = next(i for i, e in enumerate(recorded) if i > after_sample + 250 and e["event"] == "block"
-               and e["state"] == "writing")
+    cut = next(
+        i
+        for i, e in enumerate(recorded)
+        if i > after_sample + 250 and e["event"] == "block" and e["state"] == "writing"
+    )
     return recorded[: cut + 2]
 
 
@@ -205,13 +223,19 @@ def test_keys_and_buttons_drive_the_control(recorded):
             assert app.query_one(StatusPanel).border_subtitle == "pause asked: pauses after this step"
             await pilot.press("p")
             assert not control.paused
-            for key, flag in (("c", control.commit_requested), ("e", control.eval_requested),
-                              ("s", control.sample_requested)):
+            for key, flag in (
+                ("c", control.commit_requested),
+                ("e", control.eval_requested),
+                ("s", control.sample_requested),
+            ):
                 await pilot.press(key)
                 assert flag.is_set()
                 flag.clear()
-            for button, flag in (("#commit", control.commit_requested), ("#evaluate", control.eval_requested),
-                                 ("#sample", control.sample_requested)):
+            for button, flag in (
+                ("#commit", control.commit_requested),
+                ("#evaluate", control.eval_requested),
+                ("#sample", control.sample_requested),
+            ):
                 await pilot.click(button)
                 assert flag.is_set()
             await pilot.click("#pause")
@@ -219,6 +243,19 @@ def test_keys_and_buttons_drive_the_control(recorded):
             await pilot.click("#quit")
             await wait_for(pilot, lambda: app.return_value is not None, "the app to exit")
             assert control.stop_requested.is_set()
+
+    asyncio.run(scenario())
+
+
+def test_a_stop_from_outside_closes_the_screen(recorded):
+    # `sct-edge run` turns SIGINT/SIGTERM into control.stop(): once the run has stopped, the screen goes too.
+    async def scenario():
+        app = SctEdgeApp(ReplaySource(mid_step(recorded)))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.pause()
+            threading.Thread(target=app.control.stop).start()
+            await wait_for(pilot, lambda: app.return_value is not None, "the app to exit", 10)
+            assert app.producer_done and not app.stopping
 
     asyncio.run(scenario())
 
@@ -284,9 +321,20 @@ def test_watch_needs_a_run_directory(tmp_path, capsys):
 def make_live_app(tmp_path: Path, steps: int, batch: int, seq: int) -> tuple[SctEdgeApp, Path]:
     from sct_edge.train import RunConfig, Trainer
 
-    run = RunConfig(profile="ci", store=tmp_path / "store", preset="tiny", steps=steps, batch=batch, seq=seq,
-                    warmup=2, eval_every=0, eval_windows=2, commit_every=1000, data=[str(ROOT / "README.md")],
-                    run_dir=tmp_path / "run")
+    run = RunConfig(
+        profile="ci",
+        store=tmp_path / "store",
+        preset="tiny",
+        steps=steps,
+        batch=batch,
+        seq=seq,
+        warmup=2,
+        eval_every=0,
+        eval_windows=2,
+        commit_every=1000,
+        data=[str(ROOT / "README.md")],
+        run_dir=tmp_path / "run",
+    )
     events_path = run.run_dir / "events.jsonl"
     control = Control()
     app = SctEdgeApp(LiveSource(lambda listeners: Trainer(run, EventLog(events_path, listeners), control), control))
@@ -418,4 +466,3 @@ def test_launcher_installer_refuses_a_venv_without_sct_edge(tmp_path):
     help_text = installer(tmp_path, "--help")
     assert help_text.returncode == 0 and "--venv PATH" in help_text.stdout
     assert installer(tmp_path, "--bogus").returncode == 2
-

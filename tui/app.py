@@ -118,8 +118,15 @@ class SctEdgeApp(App[int]):
             return "pause asked: pauses after this step"
         if not control.paused and view.paused_reason == "user":
             return "resuming…"
-        asked = [name for flag, name in ((control.commit_requested, "commit"), (control.eval_requested, "eval"),
-                                         (control.sample_requested, "sample")) if flag.is_set()]
+        asked = [
+            name
+            for flag, name in (
+                (control.commit_requested, "commit"),
+                (control.eval_requested, "eval"),
+                (control.sample_requested, "sample"),
+            )
+            if flag.is_set()
+        ]
         return f"asked: {', '.join(asked)} after this step" if asked else None
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
@@ -136,7 +143,8 @@ class SctEdgeApp(App[int]):
         else:
             self.result_code = event.worker.result or 0
         self.redraw()
-        if self.stopping:
+        # Asked to stop, by q or by a signal handler of the command line: the run is committed, leave.
+        if self.stopping or (self.control is not None and self.control.stop_requested.is_set()):
             self.exit(self.result_code)
 
     # ------------------------------------------------------------------ keys and buttons
@@ -198,7 +206,9 @@ def run_tui(make_trainer: MakeTrainer, control: Control) -> int:
     code = app.run()
     if app.failure is not None:
         raise app.failure
-    return code if code is not None else app.result_code
+    if code is None:  # the screen itself failed (Textual printed why); the trainer was stopped and committed
+        return app.return_code or 1
+    return code
 
 
 def watch_run(run_dir: Path) -> int:

@@ -49,8 +49,9 @@ class RunScreen(Screen):
             yield EventsPanel(self.view, id="events")
         with Horizontal(id="controls"):
             for button_id, label, action in BUTTONS:
-                button = Button(label, id=button_id, action=action, compact=True,
-                                classes="steer" if button_id in STEERING else "")
+                button = Button(
+                    label, id=button_id, action=action, compact=True, classes="steer" if button_id in STEERING else ""
+                )
                 button.can_focus = False
                 yield button
             yield Label("watching: read-only, steer the run from its own window", id="read-only")

@@ -40,7 +40,7 @@ class EventSource:
 
     def produce(self, stop: threading.Event) -> int:
         """Runs on a worker thread until the stream ends (or `stop` is set); returns the exit status."""
-        return 0
+        raise NotImplementedError
 
 
 class LiveSource(EventSource):

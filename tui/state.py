@@ -178,8 +178,19 @@ class RunView:
             self.min_loss = loss if self.min_loss is None else min(self.min_loss, loss)
             s = self.smoothed_loss
             self.smoothed_loss = loss if s is None else SMOOTHING * s + (1 - SMOOTHING) * loss
-        for key in ("tokens_per_s", "step_s", "eta_s", "bytes_read", "bytes_written", "lr_spectral", "lr_dense",
-                    "ortho_err", "grad_norm", "battery", "temperature_c"):
+        for key in (
+            "tokens_per_s",
+            "step_s",
+            "eta_s",
+            "bytes_read",
+            "bytes_written",
+            "lr_spectral",
+            "lr_dense",
+            "ortho_err",
+            "grad_norm",
+            "battery",
+            "temperature_c",
+        ):
             if key in e:
                 setattr(self, key, e[key])
         self.phase_s = dict(e.get("phase_s") or {})

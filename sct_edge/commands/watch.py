@@ -8,9 +8,13 @@ from pathlib import Path
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("watch", help="open the TUI on another run's events (RUN_DIR/events.jsonl), read-only")
-    p.add_argument("run_dir", type=Path, metavar="RUN_DIR",
-                   help="the run directory holding events.jsonl (`sct-edge run --run-dir`; default STORE.runs/); "
-                   "a store directory works too")
+    p.add_argument(
+        "run_dir",
+        type=Path,
+        metavar="RUN_DIR",
+        help="the run directory holding events.jsonl (`sct-edge run --run-dir`; default STORE.runs/); "
+        "a store directory works too",
+    )
     p.set_defaults(func=run)
 
 

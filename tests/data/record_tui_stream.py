@@ -35,8 +35,19 @@ def record(out: Path = OUT) -> None:
             control.sample_requested.set()
 
     with tempfile.TemporaryDirectory() as tmp:
-        run = RunConfig(profile="ci", budget="265MiB", store=Path(tmp) / "store", preset="tiny", steps=40, batch=4,
-                        seq=64, warmup=5, eval_every=10, commit_every=10, run_dir=Path(tmp) / "run")
+        run = RunConfig(
+            profile="ci",
+            budget="265MiB",
+            store=Path(tmp) / "store",
+            preset="tiny",
+            steps=40,
+            batch=4,
+            seq=64,
+            warmup=5,
+            eval_every=10,
+            commit_every=10,
+            run_dir=Path(tmp) / "run",
+        )
         events = EventLog(out, [play_user])
         try:
             Trainer(run, events, control).run()

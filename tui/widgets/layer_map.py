@@ -18,8 +18,13 @@ STATE_STYLE = {
 }
 # Distinct glyphs too, so the map reads on a monochrome terminal.
 STATE_GLYPH = {"disk": "·", "loading": "↓", "resident": "■", "computing": "▶", "writing": "↑"}
-LEGEND_NAME = {"disk": "on disk", "loading": "loading", "resident": "in RAM", "computing": "computing",
-               "writing": "writing back"}
+LEGEND_NAME = {
+    "disk": "on disk",
+    "loading": "loading",
+    "resident": "in RAM",
+    "computing": "computing",
+    "writing": "writing back",
+}
 SHORT_NAME = {"disk": "disk", "loading": "load", "resident": "RAM", "computing": "run", "writing": "write"}
 MAX_ROWS = 4  # rows of cells before a denser cell style is chosen
 

@@ -20,10 +20,22 @@ def loss_line(v: RunView, width: int) -> Content:
     current = v.losses[-1] if v.losses else None
     return fit(
         width,
-        Content.assemble(("loss ", "dim"), (fmt_float(current), "bold"), ("  min ", "dim"), fmt_float(v.min_loss),
-                         ("  smoothed ", "dim"), fmt_float(v.smoothed_loss)),
-        Content.assemble(("loss ", "dim"), (fmt_float(current, 3), "bold"), ("  min ", "dim"),
-                         fmt_float(v.min_loss, 3), ("  ~", "dim"), fmt_float(v.smoothed_loss, 3)),
+        Content.assemble(
+            ("loss ", "dim"),
+            (fmt_float(current), "bold"),
+            ("  min ", "dim"),
+            fmt_float(v.min_loss),
+            ("  smoothed ", "dim"),
+            fmt_float(v.smoothed_loss),
+        ),
+        Content.assemble(
+            ("loss ", "dim"),
+            (fmt_float(current, 3), "bold"),
+            ("  min ", "dim"),
+            fmt_float(v.min_loss, 3),
+            ("  ~", "dim"),
+            fmt_float(v.smoothed_loss, 3),
+        ),
     )
 
 
@@ -34,10 +46,24 @@ def val_line(v: RunView, width: int) -> Content:
     ppl = "–" if v.val_ppl is None else f"{v.val_ppl:.2f}"
     return fit(
         width,
-        Content.assemble(("val loss ", "dim"), (fmt_float(v.val_losses[-1]), "bold"), ("  min ", "dim"),
-                         fmt_float(best), ("  ppl ", "dim"), ppl, ("  at step ", "dim"), str(v.val_step)),
-        Content.assemble(("val ", "dim"), (fmt_float(v.val_losses[-1], 3), "bold"), ("  min ", "dim"),
-                         fmt_float(best, 3), ("  ppl ", "dim"), ppl),
+        Content.assemble(
+            ("val loss ", "dim"),
+            (fmt_float(v.val_losses[-1]), "bold"),
+            ("  min ", "dim"),
+            fmt_float(best),
+            ("  ppl ", "dim"),
+            ppl,
+            ("  at step ", "dim"),
+            str(v.val_step),
+        ),
+        Content.assemble(
+            ("val ", "dim"),
+            (fmt_float(v.val_losses[-1], 3), "bold"),
+            ("  min ", "dim"),
+            fmt_float(best, 3),
+            ("  ppl ", "dim"),
+            ppl,
+        ),
     )
 
 
@@ -45,22 +71,37 @@ def optim_line(v: RunView, width: int) -> Content:
     grad = fmt_float(v.grad_norm, 3)
     return fit(
         width,
-        Content.assemble(("lr ", "dim"), fmt_sci(v.lr_spectral), (" spectral, ", "dim"), fmt_sci(v.lr_dense),
-                         (" dense  ", "dim"), ("‖UᵀU−I‖ ", "dim"), fmt_sci(v.ortho_err), ("  ‖g‖ ", "dim"), grad),
-        Content.assemble(("lr ", "dim"), fmt_sci(v.lr_spectral), ("/", "dim"), fmt_sci(v.lr_dense),
-                         ("  ortho ", "dim"), fmt_sci(v.ortho_err)),
+        Content.assemble(
+            ("lr ", "dim"),
+            fmt_sci(v.lr_spectral),
+            (" spectral, ", "dim"),
+            fmt_sci(v.lr_dense),
+            (" dense  ", "dim"),
+            ("‖UᵀU−I‖ ", "dim"),
+            fmt_sci(v.ortho_err),
+            ("  ‖g‖ ", "dim"),
+            grad,
+        ),
+        Content.assemble(
+            ("lr ", "dim"),
+            fmt_sci(v.lr_spectral),
+            ("/", "dim"),
+            fmt_sci(v.lr_dense),
+            ("  ortho ", "dim"),
+            fmt_sci(v.ortho_err),
+        ),
     )
 
 
 class NumberLine(ViewWidget):
     """One line of numbers, re-fitted to the width at every render."""
 
-    def signature(self, v: RunView) -> tuple:
-        return len(v.losses), len(v.val_losses), v.lr_spectral, v.lr_dense, v.ortho_err, v.grad_norm
-
     def __init__(self, view: RunView, line: Callable[[RunView, int], Content], *, id: str | None = None) -> None:
         super().__init__(view, id=id)
         self.line = line
+
+    def signature(self, v: RunView) -> tuple:
+        return len(v.losses), len(v.val_losses), v.lr_spectral, v.lr_dense, v.ortho_err, v.grad_norm
 
     def render(self) -> Content:
         return self.line(self.view, self.content_size.width)

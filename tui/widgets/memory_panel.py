@@ -28,7 +28,7 @@ class MemoryPanel(ViewWidget):
     def signature(self, v: RunView) -> tuple:
         return v.budget_bytes, v.rss_bytes, v.rss_anon_bytes, v.rss_file_bytes, v.peak_rss_bytes, v.available_bytes
 
-    def show(self, view) -> None:
+    def show(self, view: RunView) -> None:
         super().show(view)
         fraction = self.fraction()
         for name, threshold in (("-near-budget", WARN_FRACTION), ("-over-budget", DANGER_FRACTION)):
@@ -59,10 +59,18 @@ class MemoryPanel(ViewWidget):
         anon, mapped = fmt_bytes(v.rss_anon_bytes), fmt_bytes(v.rss_file_bytes)
         resident = fit(
             width,
-            Content.assemble(("resident ", "dim"), (rss, "bold"), f" of {budget} budget  ",
-                             ("anonymous ", "dim"), anon, ("  file-backed/mapped ", "dim"), mapped),
-            Content.assemble(("rss ", "dim"), (rss, "bold"), f" / {budget}  ", ("anon ", "dim"), anon,
-                             ("  mapped ", "dim"), mapped),
+            Content.assemble(
+                ("resident ", "dim"),
+                (rss, "bold"),
+                f" of {budget} budget  ",
+                ("anonymous ", "dim"),
+                anon,
+                ("  file-backed/mapped ", "dim"),
+                mapped,
+            ),
+            Content.assemble(
+                ("rss ", "dim"), (rss, "bold"), f" / {budget}  ", ("anon ", "dim"), anon, ("  mapped ", "dim"), mapped
+            ),
             Content.assemble(("rss ", "dim"), (rss, "bold"), f" / {budget}"),
         )
         headroom = v.budget_bytes - v.rss_bytes
@@ -73,11 +81,21 @@ class MemoryPanel(ViewWidget):
         avail_style = "bold $warning" if short else ""
         system = fit(
             width,
-            Content.assemble(("peak ", "dim"), fmt_bytes(v.peak_rss_bytes), ("  headroom ", "dim"),
-                             (fmt_bytes(headroom), f"bold {room_style}"), ("  system available ", "dim"),
-                             (fmt_bytes(available), avail_style)),
-            Content.assemble(("peak ", "dim"), fmt_bytes(v.peak_rss_bytes), ("  room ", "dim"),
-                             (fmt_bytes(headroom), f"bold {room_style}"), ("  avail ", "dim"),
-                             (fmt_bytes(available), avail_style)),
+            Content.assemble(
+                ("peak ", "dim"),
+                fmt_bytes(v.peak_rss_bytes),
+                ("  headroom ", "dim"),
+                (fmt_bytes(headroom), f"bold {room_style}"),
+                ("  system available ", "dim"),
+                (fmt_bytes(available), avail_style),
+            ),
+            Content.assemble(
+                ("peak ", "dim"),
+                fmt_bytes(v.peak_rss_bytes),
+                ("  room ", "dim"),
+                (fmt_bytes(headroom), f"bold {room_style}"),
+                ("  avail ", "dim"),
+                (fmt_bytes(available), avail_style),
+            ),
         )
         return Content("\n").join([Content.assemble(gauge, label), resident, system])

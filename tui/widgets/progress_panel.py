@@ -17,8 +17,12 @@ PHASE_NAMES = {
     "io_wait": ("disk wait", "io", "$error"),
     "other": ("other", "etc", "$foreground 50%"),
 }
-PHASE_DOING = {"commit": "committing the store", "eval": "evaluating", "sample": "sampling text",
-               "optimizer": "optimizer step"}
+PHASE_DOING = {
+    "commit": "committing the store",
+    "eval": "evaluating",
+    "sample": "sampling text",
+    "optimizer": "optimizer step",
+}
 
 
 def phase_text(v: RunView) -> Content:
@@ -39,8 +43,21 @@ class ProgressPanel(ViewWidget):
     TITLE = "Progress"
 
     def signature(self, v: RunView) -> tuple:
-        return (v.step, v.total_steps, v.phase, v.phase_block, v.n_blocks, v.tokens_per_s, v.step_s, v.eta_s,
-                tuple(v.phase_s.items()), v.paused_reason, v.ended, v.end_reason, bool(v.losses))
+        return (
+            v.step,
+            v.total_steps,
+            v.phase,
+            v.phase_block,
+            v.n_blocks,
+            v.tokens_per_s,
+            v.step_s,
+            v.eta_s,
+            tuple(v.phase_s.items()),
+            v.paused_reason,
+            v.ended,
+            v.end_reason,
+            bool(v.losses),
+        )
 
     def show(self, view: RunView) -> None:
         # Paging traffic on the bottom border: it costs no line at 80×24.
@@ -56,15 +73,28 @@ class ProgressPanel(ViewWidget):
         total = max(1, v.total_steps)
         head = Content.assemble(("step ", "dim"), (f"{v.step}", "bold"), f" of {v.total_steps} ")
         pct = Content(f" {v.step / total:4.0%}")
-        steps = Content.assemble(head, bar(v.step / total, max(4, width - head.cell_length - pct.cell_length),
-                                           "$primary"), pct)
+        steps = Content.assemble(
+            head, bar(v.step / total, max(4, width - head.cell_length - pct.cell_length), "$primary"), pct
+        )
         tokens = "–" if v.tokens_per_s is None else f"{v.tokens_per_s:,.0f}"
         rate = fit(
             width,
-            Content.assemble((tokens, "bold"), (" tokens/s  ", "dim"), fmt_duration(v.step_s), (" a step  ", "dim"),
-                             ("ETA ", "dim"), (fmt_duration(v.eta_s) if not v.ended else "–", "bold")),
-            Content.assemble((tokens, "bold"), (" tok/s ", "dim"), fmt_duration(v.step_s), ("/step ", "dim"),
-                             ("ETA ", "dim"), (fmt_duration(v.eta_s) if not v.ended else "–", "bold")),
+            Content.assemble(
+                (tokens, "bold"),
+                (" tokens/s  ", "dim"),
+                fmt_duration(v.step_s),
+                (" a step  ", "dim"),
+                ("ETA ", "dim"),
+                (fmt_duration(v.eta_s) if not v.ended else "–", "bold"),
+            ),
+            Content.assemble(
+                (tokens, "bold"),
+                (" tok/s ", "dim"),
+                fmt_duration(v.step_s),
+                ("/step ", "dim"),
+                ("ETA ", "dim"),
+                (fmt_duration(v.eta_s) if not v.ended else "–", "bold"),
+            ),
         )
         return Content("\n").join([steps, phase_text(v), rate, self.split(width)])
 

@@ -12,16 +12,14 @@ from tui.widgets.base import ViewWidget
 
 def policy_line(v: RunView) -> Content:
     if v.ended:
-        state = Content.styled(f"ended: {v.end_reason}", "bold $error" if v.end_reason == "error" else "bold")
-    elif v.paused_reason:
-        state = Content.styled(f"⏸ {PAUSE_TEXT.get(v.paused_reason, 'paused')}", "bold $warning")
-    elif v.throttle_threads is not None:
-        state = Content.styled(f"throttled to {v.throttle_threads} threads ({v.throttle_reason})", "bold $warning")
-    elif v.started_at is None:
-        state = Content.styled("waiting for the run to start", "dim")
-    else:
-        return Content.styled("● running", "bold $success")
-    return state
+        return Content.styled(f"ended: {v.end_reason}", "bold $error" if v.end_reason == "error" else "bold")
+    if v.paused_reason:
+        return Content.styled(PAUSE_TEXT.get(v.paused_reason, "paused"), "bold $warning")
+    if v.throttle_threads is not None:
+        return Content.styled(f"throttled to {v.throttle_threads} threads ({v.throttle_reason})", "bold $warning")
+    if v.started_at is None:
+        return Content.styled("waiting for the run to start", "dim")
+    return Content.styled("● running", "bold $success")
 
 
 def sensors_line(v: RunView, width: int) -> Content:
@@ -30,10 +28,16 @@ def sensors_line(v: RunView, width: int) -> Content:
     else:
         percent = v.battery.get("percent")
         style = "$success" if v.battery.get("plugged") else "$warning" if (percent or 0) < 30 else ""
-        battery = Content.assemble(("battery ", "dim"), (f"{percent:.0f}%", f"bold {style}"),
-                                   (" plugged in" if v.battery.get("plugged") else " on battery", "dim"))
-    temp = Content.styled("no temperature sensor", "dim") if v.temperature_c is None else Content.assemble(
-        ("CPU ", "dim"), (f"{v.temperature_c:.1f} °C", "bold"))
+        battery = Content.assemble(
+            ("battery ", "dim"),
+            (f"{percent:.0f}%", f"bold {style}"),
+            (" plugged in" if v.battery.get("plugged") else " on battery", "dim"),
+        )
+    temp = (
+        Content.styled("no temperature sensor", "dim")
+        if v.temperature_c is None
+        else Content.assemble(("CPU ", "dim"), (f"{v.temperature_c:.1f} °C", "bold"))
+    )
     return fit(width, Content.assemble(battery, "  ", temp), battery)
 
 
@@ -41,8 +45,14 @@ def commit_line(v: RunView, width: int) -> Content:
     committed = "none yet" if v.last_commit_step is None else f"step {v.last_commit_step}"
     return fit(
         width,
-        Content.assemble(("last commit ", "dim"), committed, ("  profile ", "dim"), v.profile or "–",
-                         ("  batch ", "dim"), f"{v.batch}×{v.seq}"),
+        Content.assemble(
+            ("last commit ", "dim"),
+            committed,
+            ("  profile ", "dim"),
+            v.profile or "–",
+            ("  batch ", "dim"),
+            f"{v.batch}×{v.seq}",
+        ),
         Content.assemble(("last commit ", "dim"), committed, ("  profile ", "dim"), v.profile or "–"),
     )
 
@@ -59,8 +69,21 @@ class StatusPanel(ViewWidget):
 
     def signature(self, v: RunView) -> tuple:
         battery = tuple(v.battery.items()) if v.battery else None
-        return (v.ended, v.end_reason, v.paused_reason, v.throttle_threads, v.throttle_reason, v.started_at is None,
-                battery, v.temperature_c, v.last_commit_step, v.profile, v.batch, v.seq, v.last_error)
+        return (
+            v.ended,
+            v.end_reason,
+            v.paused_reason,
+            v.throttle_threads,
+            v.throttle_reason,
+            v.started_at is None,
+            battery,
+            v.temperature_c,
+            v.last_commit_step,
+            v.profile,
+            v.batch,
+            v.seq,
+            v.last_error,
+        )
 
     def show(self, view: RunView) -> None:
         self.border_subtitle = self.note or ""
