@@ -103,8 +103,9 @@ _SHARD_FILE = re.compile(r"^(embed|head|block\.\d+)(\.optim)?\.v\d+\.safetensors
 _TMP_FILE = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
 _BLOCK = re.compile(r"^block\.(\d+)$")
 
-# Files whose full checksum this process has seen match: (path, device, inode, size, mtime_ns, crc32).
-_VERIFIED: set[tuple] = set()
+# Files whose full checksum this process has seen match: path -> (device, inode, size, mtime_ns, crc32). One
+# entry per path, dropped when the store deletes the file, so a long run does not accumulate them.
+_VERIFIED: dict[str, tuple] = {}
 _VERIFIED_LOCK = threading.Lock()
 
 
@@ -364,14 +365,26 @@ def _io_problem(error: OSError) -> str:
     return error.strerror or str(error)
 
 
-def _verified_key(path: Path, st: os.stat_result, crc: int) -> tuple:
-    return (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, crc)
+def _identity(st: os.stat_result, crc: int) -> tuple:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, crc)
 
 
-def _mark_verified(path: Path, crc: int) -> None:
-    key = _verified_key(path, os.stat(path), crc)
+def _mark_verified(path: Path, st: os.stat_result, crc: int) -> None:
     with _VERIFIED_LOCK:
-        _VERIFIED.add(key)
+        _VERIFIED[str(path)] = _identity(st, crc)
+
+
+def _is_verified(path: Path, st: os.stat_result, crc: int) -> bool:
+    with _VERIFIED_LOCK:
+        return _VERIFIED.get(str(path)) == _identity(st, crc)
+
+
+def _delete(path: Path) -> None:
+    """Delete a store file (gone already is fine) and forget that it was verified."""
+    with suppress(FileNotFoundError):
+        os.unlink(path)
+    with _VERIFIED_LOCK:
+        _VERIFIED.pop(str(path), None)
 
 
 @dataclass
@@ -589,10 +602,7 @@ class Store:
         """
         mapped, entry = self._mapping(name)
         if not mapped.verified:
-            key = _verified_key(mapped.path, mapped.stat, entry.crc32)
-            with _VERIFIED_LOCK:
-                known = key in _VERIFIED
-            if not known:
+            if not _is_verified(mapped.path, mapped.stat, entry.crc32):
                 crc = mapped.crc32()
                 if crc != entry.crc32:
                     self.release(name)
@@ -600,8 +610,7 @@ class Store:
                         f"{self._label(name, entry)}: checksum mismatch: crc32 {crc:08x}, the manifest "
                         f"records {entry.crc32:08x} (the file is corrupt)"
                     )
-                with _VERIFIED_LOCK:
-                    _VERIFIED.add(key)
+                _mark_verified(mapped.path, mapped.stat, entry.crc32)
             mapped.verified = True
         return mapped.tensors()
 
@@ -671,8 +680,7 @@ class Store:
             if item.name in referenced or not item.is_file(follow_symlinks=False):
                 continue
             if _SHARD_FILE.match(item.name) or _TMP_FILE.match(item.name):
-                with suppress(FileNotFoundError):
-                    os.unlink(item.path)
+                _delete(self.path / item.name)
                 self.removed_stale.append(item.name)
 
     # ---------------------------------------------------------------- writing
@@ -719,7 +727,7 @@ class Store:
                 else f"the store stays at its last committed step {self.step}"
             )
             raise SctError(f"shard {name}: {_io_problem(error)} while writing {self.path / file}; {outcome}") from None
-        _mark_verified(self.path / file, written.crc32)
+        _mark_verified(self.path / file, os.stat(self.path / file), written.crc32)
         with self._mutex:
             self.bytes_written += written.bytes
         return ShardEntry(name, kind, file, version, written.bytes, written.crc32, specs)
@@ -759,8 +767,7 @@ class Store:
             self._pending = {n: e for n, e in self._pending.items() if e is not pending.get(n)}
             self.bytes_written += len(raw)
         for file in superseded:
-            with suppress(FileNotFoundError):
-                os.unlink(self.path / file)
+            _delete(self.path / file)
 
     def discard(self) -> None:
         """Drop every uncommitted shard version (their files are deleted; mapped views stay readable)."""
@@ -771,8 +778,7 @@ class Store:
                 if mapped is not None and mapped.path.name == entry.file:
                     self._maps.pop(name).release()
         for entry in pending.values():
-            with suppress(FileNotFoundError):
-                os.unlink(self.path / entry.file)
+            _delete(self.path / entry.file)
 
     # ---------------------------------------------------------------- integrity
 
@@ -800,7 +806,7 @@ class Store:
                 raise SctError(
                     f"{label}: data crc32 {data_crc:08x} differs from the {header.data_crc32:08x} in its own metadata"
                 )
-            _mark_verified(path, crc)
+            _mark_verified(path, os.stat(path), crc)
         self.tokenizer_json()
         total += self._manifest.tokenizer["bytes"]
         return VerifyReport(len(self._manifest.shards), total, time.perf_counter() - start, self.step)

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from sct_edge import store as store_module
 from sct_edge.cli import main as cli_main
 from sct_edge.config import ModelConfig, RankPolicy, get_preset
 from sct_edge.errors import SctError
@@ -237,6 +238,9 @@ def test_disk_use_stays_within_twice_the_store(tmp_path):
             assert pending_total <= 2 * size + 4096
             store.commit(store.step + 1)
             assert sum(p.stat().st_size for p in path.iterdir()) <= size + 4096
+        # the process-wide record of checksummed files keeps one entry per live file, not one per step
+        remembered = [k for k in store_module._VERIFIED if k.startswith(str(path))]
+        assert len(remembered) <= len(store.shard_names())
 
 
 def test_stale_files_are_removed_when_the_lock_is_taken(base_store, tmp_path):
