@@ -69,8 +69,12 @@ def read_events(path: Path) -> list[dict]:
     return events
 
 
-def follow(path: Path, stop: threading.Event | None = None, poll_s: float = 0.2) -> Iterator[dict]:
-    """Yields events as another process appends them, until `stop` is set or an `end` event arrives."""
+def follow(
+    path: Path, stop: threading.Event | None = None, poll_s: float = 0.2, until_end: bool = True
+) -> Iterator[dict]:
+    """Yields events as another process appends them, until `stop` is set or (with `until_end`) an `end`
+    event arrives. A resumed run appends a new session to the same file, so a viewer that should see it
+    passes until_end=False and stops through `stop`."""
     while not path.exists():
         if stop is not None and stop.is_set():
             return
@@ -88,7 +92,7 @@ def follow(path: Path, stop: threading.Event | None = None, poll_s: float = 0.2)
             event = json.loads(pending)
             pending = ""
             yield event
-            if event["event"] == "end":
+            if until_end and event["event"] == "end":
                 return
 
 

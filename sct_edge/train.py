@@ -241,6 +241,8 @@ class Trainer:
                 torch.set_num_threads(threads)
                 events.emit({"event": "throttle", "threads": threads,
                              "reason": "thermal" if decision.threads else "cool"})
+            if control.stop_requested.is_set():
+                break
             if control.paused or paused_by:
                 if control.paused and paused_by is None:
                     events.emit({"event": "pause", "reason": "user"})
@@ -249,8 +251,6 @@ class Trainer:
                 else:
                     time.sleep(1.0)
                 continue
-            if control.stop_requested.is_set():
-                break
             if run.time_limit_s is not None and time.monotonic() - started > run.time_limit_s:
                 self._commit(store, engine, step, settings, sampler)
                 return "time_limit"

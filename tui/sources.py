@@ -75,7 +75,7 @@ class FollowSource(EventSource):
         self.description = f"watching {run_dir}"
 
     def produce(self, stop: threading.Event) -> int:
-        for event in follow(self.path, stop):
+        for event in follow(self.path, stop, until_end=False):
             self.inbox.append(event)
         return 0
 

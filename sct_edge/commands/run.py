@@ -72,20 +72,25 @@ def run(args: argparse.Namespace) -> int:
     run_dir = config.run_dir or config.store_path().with_name(config.store_path().name + ".runs")
     events_path = run_dir / "events.jsonl"
 
-    def make_trainer(listeners: list) -> Trainer:
-        return Trainer(config, EventLog(events_path, listeners), control)
-
     for sig in (signal.SIGINT, signal.SIGTERM):
         # Finish the step in flight, commit, exit: a second signal is the same request.
         signal.signal(sig, lambda *_: control.stop())
-    if sys.stdout.isatty() and not args.no_tui:
-        from tui.app import run_tui
+    logs: list[EventLog] = []
 
-        return run_tui(make_trainer, control)
-    progress = PlainProgress()
-    trainer = make_trainer([progress])
+    def make_trainer(listeners: list) -> Trainer:
+        logs.append(EventLog(events_path, listeners))
+        return Trainer(config, logs[-1], control)
+
     try:
-        return trainer.run()
+        if sys.stdout.isatty() and not args.no_tui:
+            from tui.app import run_tui
+
+            return run_tui(make_trainer, control)
+        progress = PlainProgress()
+        try:
+            return make_trainer([progress]).run()
+        finally:
+            progress.close()
     finally:
-        progress.close()
-        trainer.events.close()
+        for log in logs:
+            log.close()
