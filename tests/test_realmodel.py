@@ -91,6 +91,7 @@ def test_a_few_fine_tuning_steps_sct_and_dense(first_block, energy_store, tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # three whole-model imports and two short runs: minutes, past the 600 s default
 def test_whole_model_report(tmp_path):
     """tools/realmodel_report on the whole model: full-rank exactness, perplexity, "Paris", energy 0.95, and a
     short SCT-vs-dense fine-tuning on the same data."""
