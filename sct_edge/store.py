@@ -44,7 +44,8 @@ Public API (what the scheduler and trainer call):
     store.commit(step, state), store.discard(), store.verify() -> VerifyReport, store.tokenizer_json()
     store.bytes_read, store.bytes_written (counters), store.committed_bytes(), store.create_stats
 An importer passes `tensors=` (a function shard name -> weights) to `create` and puts its per-matrix report in
-`extra={"import_report": {matrix path: {"rank": k, "energy": e, "rel_error": r, ...}}}`; `inspect` shows it.
+`extra={"import_report": [{"matrix", "shape", "rank", "kept_energy", "rel_error", "svd"}, ...]}`; `inspect`
+shows it.
 Helpers: block_shard(i), optim_shard(name), param_prefix(name), store_layout(config, state_dtype),
 initial_tensors(config, seed, name).
 """

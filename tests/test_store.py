@@ -613,7 +613,8 @@ def test_cli_init_inspect_verify(tmp_path, capsys):
 
 
 def test_cli_inspect_shows_an_import_report(tmp_path, capsys):
-    report = {"layers.0.attn.q": {"rank": 12, "energy": 0.9, "rel_error": 0.31}}
+    report = [{"matrix": "layers.0.attn.q", "shape": [128, 128], "rank": 12, "kept_energy": 0.9,
+               "rel_error": 0.31, "svd": "exact"}]
     Store.create(tmp_path / "s", tiny(), extra={"import_report": report}).close()
     assert cli_main(["inspect", str(tmp_path / "s")]) == 0
     out = capsys.readouterr().out

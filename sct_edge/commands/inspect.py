@@ -135,23 +135,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_import_report(report: dict | list) -> None:
-    """A table of the per-matrix import report: {path: {"rank": .., "energy": .., "rel_error": ..}}."""
-    if isinstance(report, list):
-        report = {str(row.get("path", i)): row for i, row in enumerate(report) if isinstance(row, dict)}
-    if not isinstance(report, dict) or not all(isinstance(v, dict) for v in report.values()):
-        print(f"import report: {json.dumps(report)}")
-        return
-    columns = [k for k in dict.fromkeys(k for row in report.values() for k in row) if k != "path"]
-    width = max([len("matrix"), *(len(p) for p in report)]) + 2
+def print_import_report(report: list[dict]) -> None:
+    """The importer's per-matrix table: one row per matrix with its rank, kept energy and relative error."""
+    columns = ["shape", "rank", "kept_energy", "rel_error", "svd"]
+    width = max(len("matrix"), *(len(row["matrix"]) for row in report)) + 2
     print("import report")
     print(f"  {'matrix':<{width}}" + "".join(f"{c:>14}" for c in columns))
-    for path, row in report.items():
+    for row in report:
         cells = "".join(f"{_cell(row.get(c)):>14}" for c in columns)
-        print(f"  {path:<{width}}{cells}")
+        print(f"  {row['matrix']:<{width}}{cells}")
 
 
 def _cell(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
+    if isinstance(value, list):
+        return " x ".join(str(v) for v in value)
     return "-" if value is None else str(value)
