@@ -21,20 +21,24 @@ while CholeskyQR2 stays below 1e-6). So agreement to 1e-5 in float32 holds exact
 about 100, and `retract_` hands any factor beyond that (or whose Gram matrix is not numerically positive
 definite) to Householder, so the result matches the reference for every input.
 
-The fast path, per group of same-(shape, dtype, device) factors, in bounded chunks:
+The fast path, for each group of same-(shape, dtype, device) factors:
 
-1. stack the chunk into one reusable workspace (the copy also keeps the input for a fallback);
-   G = MᵀM for the whole chunk in one batched matmul;
-2. L = cholesky_ex(G) batched; a factor falls back to Householder if info != 0 or κ(M) = κ(L) exceeds
-   `max_cond` (checked with a free norm bound, and with the singular values of L where the bound is loose);
-3. T = L⁻ᵀ formed explicitly (k x k, cheap) and Q = M T written straight into the factor: a general matmul
-   runs at several times the speed of MKL's triangular solve on these tall, thin shapes;
-4. the Gram matrix of the result gives its orthonormality error, which is both the reported figure and the
-   test for the second CholeskyQR pass: after an optimizer step κ(M) is close to 1, one pass is already as
-   orthonormal as two (and as Householder), and the second pass only runs where the error exceeds `tol`.
+1. G = MᵀM per factor into one (B, k, k) batch; L = cholesky_ex(G) for the whole batch;
+2. a factor falls back to Householder if info != 0, G is not finite, or κ(M) = κ(L) exceeds `max_cond`
+   (checked with a free norm bound, and with the singular values of L only where the bound is loose);
+3. T = L⁻ᵀ formed explicitly for the batch (k x k, cheap) and Q = M T as a general matmul, which runs at
+   several times the speed of MKL's triangular solve on these tall, thin shapes;
+4. the Gram matrix of Q gives its orthonormality error, which is both the reported figure and the test for
+   the second CholeskyQR pass: after an optimizer step κ(M) is close to 1 and one pass is already as
+   orthonormal as two (and as Householder), so the second pass only runs where the error exceeds `tol`.
 
-Nothing n x n is ever formed; the extra memory is one chunk (`chunk_bytes`, or one factor if larger) plus
-k x k matrices.
+That is three tall-skinny matmuls per factor (2nk² flops each), the least that also measures the result;
+straightforward CholeskyQR2 plus a measurement takes five. Same-shape factors share every k x k step
+(one batched call each), but their n x k data is not stacked into one tensor: the products run per factor,
+at the same speed as a batched matmul, through one reused n x k buffer (which stays in cache for the Gram
+matrix of the result before it is copied back), so there is no extra pass to stack and unstack and the
+extra memory is that buffer plus the (B, k, k) batches, in slices of at most `_BATCH_BYTES`. Nothing
+n x n is ever formed.
 """
 
 from __future__ import annotations
@@ -56,6 +60,9 @@ DEFAULT_TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 # the model's shapes) exceeds the 1e-5 agreement, so only Householder can reproduce itself. float64: the
 # agreement would hold much further; CholeskyQR2 needs κ well below eps^(-1/2) ≈ 7e7, and 1e6 keeps a margin.
 DEFAULT_MAX_COND = {torch.float32: 1e2, torch.float64: 1e6}
+
+# Size of one (B, k, k) batch; a group of more same-shape factors than fit goes in several batches.
+_BATCH_BYTES = 16 << 20
 
 
 @dataclass
@@ -133,18 +140,21 @@ def _inverse_transpose(lower: Tensor) -> Tensor:
 def _retract_group(
     factors: Sequence[Tensor], indices: Sequence[int], tol: float, max_cond: float, result: RetractionResult
 ) -> float:
-    """Retract same-shape factors in place; returns the worst orthonormality error it leaves."""
+    """Retract same-shape factors (`indices`: their places in the caller's list) in place.
+
+    Counts into `result`; returns the worst orthonormality error it leaves.
+    """
     n, k = factors[0].shape
     like = factors[0]
     gram = torch.empty(len(factors), k, k, dtype=like.dtype, device=like.device)
     for f, g in zip(factors, gram, strict=True):
-        torch.matmul(f.mT, f, out=g)
+        torch.mm(f.mT, f, out=g)
     finite = torch.isfinite(gram).all(dim=(-2, -1))
     lower, info = torch.linalg.cholesky_ex(gram)
     ok = (info == 0) & finite
-    eye = torch.eye(k, dtype=like.dtype, device=like.device)
-    # Failed factorisations hold garbage; the identity keeps their inverses finite until they are dropped.
-    lower = torch.where(ok[:, None, None], lower, eye)
+    if not ok.all():
+        # Failed factorisations hold garbage; the identity keeps their inverses finite until they are dropped.
+        lower = torch.where(ok[:, None, None], lower, torch.eye(k, dtype=like.dtype, device=like.device))
     upper_inv = _inverse_transpose(lower)
     ok &= _condition_at_most(lower, upper_inv, max_cond)
 
@@ -152,36 +162,36 @@ def _retract_group(
     # is copied over the factor, and it is the only n x k memory this allocates.
     buf = torch.empty(n, k, dtype=like.dtype, device=like.device)
     new_gram = torch.empty_like(gram)
-    for i, f in enumerate(factors):
-        if ok[i]:
-            torch.matmul(f, upper_inv[i], out=buf)
-            torch.matmul(buf.mT, buf, out=new_gram[i])
+    for i, (f, fast) in enumerate(zip(factors, ok.tolist(), strict=True)):
+        if fast:
+            torch.mm(f, upper_inv[i], out=buf)
+            torch.mm(buf.mT, buf, out=new_gram[i])
             f.copy_(buf)
             continue
         if not finite[i] and not bool(torch.isfinite(f).all()):
             raise SctError(f"retraction: factor #{indices[i]} ({n} x {k}) holds NaN or Inf")
         result.fallbacks += 1
         f.copy_(householder_retraction(f))
-        torch.matmul(f.mT, f, out=new_gram[i])
+        torch.mm(f.mT, f, out=new_gram[i])
     errors = _gram_errors(new_gram)
 
     # Second CholeskyQR pass, only where the first did not reach `tol`. The first pass leaves κ close to 1,
     # so this factorisation succeeding is all that needs checking; if it does not, Householder of the
     # first-pass result is the same point as Householder of the input (same column space, same orientation).
-    again = [i for i in ok.nonzero().flatten().tolist() if errors[i] > tol]
-    if again:
+    again = ((errors > tol) & ok).nonzero().flatten()
+    if len(again):
         lower2, info2 = torch.linalg.cholesky_ex(new_gram[again])
         upper_inv2 = _inverse_transpose(lower2)
-        for j, i in enumerate(again):
+        for j, (i, fine) in enumerate(zip(again.tolist(), (info2 == 0).tolist(), strict=True)):
             f = factors[i]
-            if info2[j] == 0:
+            if fine:
                 result.second_passes += 1
-                torch.matmul(f, upper_inv2[j], out=buf)
+                torch.mm(f, upper_inv2[j], out=buf)
                 f.copy_(buf)
             else:
                 result.fallbacks += 1
                 f.copy_(householder_retraction(f))
-            torch.matmul(f.mT, f, out=new_gram[i])
+            torch.mm(f.mT, f, out=new_gram[i])
         errors[again] = _gram_errors(new_gram[again])
     return float(errors.max())
 
@@ -194,11 +204,12 @@ def retract_(
 ) -> RetractionResult:
     """Retract every 2-D factor (n x k, n >= k) in place onto the Stiefel manifold; see the module docstring.
 
-    The point is the Q of sign-corrected Householder QR (to 1e-5 in float32). Same-(shape, dtype, device)
-    factors are retracted together in chunks of at most `chunk_bytes` (at least one factor), which bounds
-    the extra memory. `tol` (first-pass orthonormality that skips the second CholeskyQR pass) and `max_cond`
-    (largest condition number kept off the Householder fallback) default per dtype to `DEFAULT_TOL` and
-    `DEFAULT_MAX_COND`. Returns a `RetractionResult`; a factor holding NaN or Inf is a `SctError`.
+    The point is the Q of sign-corrected Householder QR, `householder_retraction` (to 1e-5 in float32).
+    `tol` is the first-pass orthonormality that skips the second CholeskyQR pass and `max_cond` the largest
+    condition number kept off the Householder fallback; both default per dtype (`DEFAULT_TOL`,
+    `DEFAULT_MAX_COND`). Returns a `RetractionResult` (the worst orthonormality error left, fallback and
+    second-pass counts). A factor that is not a float32/float64 n x k matrix with n >= k >= 1, or that holds
+    NaN or Inf, is a `SctError`. Factors may be any strided views; they are written in place.
     """
     result = RetractionResult(factors=len(factors))
     groups: dict[tuple, list[int]] = {}
@@ -210,16 +221,18 @@ def retract_(
 
     worst = 0.0
     with torch.no_grad():
-        for (_, dtype, _), indices in groups.items():
-            worst = max(
-                worst,
-                _retract_group(
-                    [factors[i] for i in indices],
-                    indices,
+        for (shape, dtype, _), indices in groups.items():
+            k = shape[1]
+            per_batch = max(1, _BATCH_BYTES // (k * k * factors[indices[0]].element_size()))
+            for start in range(0, len(indices), per_batch):
+                batch = indices[start : start + per_batch]
+                error = _retract_group(
+                    [factors[i] for i in batch],
+                    batch,
                     DEFAULT_TOL[dtype] if tol is None else tol,
                     DEFAULT_MAX_COND[dtype] if max_cond is None else max_cond,
                     result,
-                ),
-            )
+                )
+                worst = max(worst, error)
     result.max_error = worst
     return result
