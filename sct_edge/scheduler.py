@@ -106,6 +106,7 @@ class Residency:
         self.on_event = on_event
         self.kept: dict[str, dict[str, Tensor]] = {}
         self.dirty: set[str] = set()
+        self.write_wait_s = 0.0  # compute time spent waiting for the writer's queue to drain
         self.reads: dict[str, Future] = {}
         self.writes: list[Future] = []
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="sct-read")
@@ -150,8 +151,10 @@ class Residency:
             self._emit(name, "writing")
             cpu = {k: v.detach().cpu() if v.device.type != "cpu" else v.detach() for k, v in tensors.items()}
             # The plan budgets one block (weights + moments) waiting for the disk; wait rather than queue more.
+            since = time.perf_counter()
             while len(self.writes) >= MAX_PENDING_WRITES:
                 self.writes.pop(0).result()
+            self.write_wait_s += time.perf_counter() - since
             self.writes.append(self.writer.submit(self._write, name, cpu))
         else:
             self._emit(name, "disk")
@@ -260,6 +263,8 @@ class StreamingStep:
             grad_scale = min(1.0, self.optim.max_grad_norm / (grad_norm + 1e-6))
         result = self._backward(micro_batches, boundaries, step, lr_scale, clock, update=True, grad_scale=grad_scale)
         self.residency.drain_writes(clock)
+        clock.seconds["io_wait"] = clock.seconds.get("io_wait", 0.0) + self.residency.write_wait_s
+        self.residency.write_wait_s = 0.0
         accounted = sum(clock.seconds.values())
         clock.seconds["other"] = max(0.0, time.perf_counter() - started - accounted)
         tokens = sum(x.numel() for x, _ in micro_batches) if self.workload == "lm" else 0
