@@ -1,0 +1,24 @@
+"""The tools/ scripts run from a checkout and produce what they promise."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_compare_dense_trains_both_and_draws_the_curves(tmp_path):
+    pytest.importorskip("matplotlib")
+    out, figures = tmp_path / "curves.png", tmp_path / "figures.json"
+    subprocess.run([sys.executable, str(ROOT / "tools" / "compare_dense"), "--steps", "4", "--eval-every", "2",
+                    "--batch", "2", "--seq", "16", "--out", str(out), "--json", str(figures)],
+                   check=True, capture_output=True, text=True)
+    assert out.read_bytes().startswith(b"\x89PNG")
+    results = json.loads(figures.read_text())
+    assert [r["kind"] for r in results] == ["sct", "dense"]
+    for r in results:
+        assert [step for step, _ in r["evals"]] == [2, 4]
+        assert r["tokens_per_s"] > 0 and r["peak_rss_bytes"] > 0
