@@ -55,7 +55,8 @@ def test_counts_match_instantiated_model():
     for name in ("tiny", "smollm2-135m"):
         config = get_preset(name)
         if name == "smollm2-135m":
-            config = config.with_ranks(RankPolicy(attn=16, mlp=24, embed=40, head=None, overrides={"layers.2.mlp.up": 7}))
+            ranks = RankPolicy(attn=16, mlp=24, embed=40, head=None, overrides={"layers.2.mlp.up": 7})
+            config = config.with_ranks(ranks)
         model = Transformer(config, device="meta")
         assert sum(p.numel() for p in model.parameters()) == count_params(config).stored_total
         dense = Transformer(config, spectral=False, device="meta")

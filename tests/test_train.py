@@ -128,7 +128,8 @@ def test_second_trainer_on_the_same_store_is_refused(tmp_path):
 
 def directory_state(path: Path) -> dict[str, bytes]:
     """Every file's bytes, except `lock`, which only records the pid of the last process that held it."""
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file() and p.name != "lock"}
+    files = (p for p in sorted(path.rglob("*")) if p.is_file() and p.name != "lock")
+    return {str(p.relative_to(path)): p.read_bytes() for p in files}
 
 
 def test_bad_inputs_are_one_line_errors_and_change_nothing(tmp_path):
