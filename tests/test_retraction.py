@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from sct_edge import retraction
 from sct_edge.errors import SctError
 from sct_edge.retraction import RetractionResult, householder_retraction, orthonormality_error, retract_
 
@@ -206,20 +205,3 @@ def test_non_finite_factor_is_an_error_naming_it():
 def test_householder_retraction_rejects_wide_matrices():
     with pytest.raises(SctError, match="rows >= columns"):
         householder_retraction(torch.randn(2, 3))
-
-
-def test_large_groups_go_in_several_batches(monkeypatch):
-    factors = [_adamw_step(_orthonormal(24, 4, torch.float32, seed=i), lr=0.1, seed=50 + i).detach() for i in range(7)]
-    reference = [f.clone() for f in factors]
-    expected = retract_(reference)
-    # Room for two 4 x 4 float32 Gram matrices per batch: the seven factors take four batches.
-    monkeypatch.setattr(retraction, "_BATCH_BYTES", 2 * 4 * 4 * 4)
-    sizes = []
-    group = retraction._retract_group
-    monkeypatch.setattr(retraction, "_retract_group", lambda fs, *a: sizes.append(len(fs)) or group(fs, *a))
-    result = retract_(factors)
-    assert sizes == [2, 2, 2, 1]
-    assert result.factors == 7 and result.fallbacks == 0
-    assert result.max_error == pytest.approx(expected.max_error, rel=1e-6)
-    for f, r in zip(factors, reference, strict=True):
-        assert (f - r).abs().max().item() <= 1e-6
