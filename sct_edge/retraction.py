@@ -35,11 +35,11 @@ The fast path, factor by factor (each factor's data stays in cache from its firs
    is loose); if not, the second CholeskyQR pass runs on Q.
 
 That is three tall-skinny matmuls per factor (2nk² flops each), the fewest that also measure the result;
-CholeskyQR2 plus a measurement takes five. Same-shape factors are not stacked into batches: stacking
-costs a copy in and out and measured slower than one factor at a time, which keeps each factor in cache
-across its three matmuls (8% faster than batching the k x k steps across a group, 3.3x faster than
-Householder per sct-70b layer at rank 32 on two cores). The only extra n x k memory is one scratch buffer
-the size of the largest factor; nothing n x n is ever formed.
+CholeskyQR2 plus a measurement takes five. Same-shape factors are not stacked into batches: on two cores,
+stacking (a copy in and out) measured slower than going factor by factor, and so did batching only the
+k x k steps across same-shape factors, because one factor at a time stays in cache across its three matmuls.
+`tools/bench_retraction` times the whole against Householder on the sct-70b shapes. The only extra n x k
+memory is one scratch buffer the size of the largest factor; nothing n x n is ever formed.
 """
 
 from __future__ import annotations
