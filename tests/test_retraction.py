@@ -1,5 +1,10 @@
 """The Stiefel retraction: CholeskyQR lands on sign-corrected Householder QR, falls back when it must."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -214,3 +219,29 @@ def test_finite_factor_whose_gram_overflows_falls_back():
     assert result.fallbacks == 1
     assert orthonormality_error(f) <= 1e-5
     assert (f - householder_retraction(m)).abs().max().item() <= 1e-5
+
+
+def test_bench_retraction_runs_and_reports_agreement():
+    """The benchmark script on the real sct-70b shapes at a tiny rank: one layer, one run (no timing claims)."""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(root / "tools" / "bench_retraction"),
+            "--ranks",
+            "2",
+            "--layers",
+            "1",
+            "--repeats",
+            "1",
+            "--json",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    report = json.loads(out)
+    (row,) = report["results"]
+    assert report["preset"] == "sct-70b" and row["rank"] == 2 and row["factors"] == 14
+    assert row["fast_s"] > 0 and row["householder_s"] > 0 and row["fallbacks"] == 0
+    assert row["max_abs_diff"] <= 1e-5 and row["max_orthonormality_error"] <= 1e-5
