@@ -435,7 +435,16 @@ class Store:
         path = Path(path)
         raw = cls._read_manifest(path)
         store = cls(path, Manifest.parse(raw, str(path / MANIFEST)), raw)
-        store._check_files()
+        try:
+            store._check_files()
+        except SctError:
+            # A writer committing right now deletes the versions its new manifest supersedes: if the manifest
+            # changed under us, check the new one; a store that is really broken fails this second check too.
+            again = cls._read_manifest(path)
+            if again == raw:
+                raise
+            store = cls(path, Manifest.parse(again, str(path / MANIFEST)), again)
+            store._check_files()
         return store
 
     @staticmethod
