@@ -343,24 +343,17 @@ class MappedShard:
 
     def crc32(self) -> int:
         """crc32 of the whole mapped file; faults every page in, as using the tensors would."""
-        with self._lock:
-            if self._mm is None:
-                raise SctError(f"{self.label}: mapping was released")
-            view = memoryview(self._mm)
-        try:
-            crc = 0
-            for start in range(0, len(view), CHUNK):
-                crc = zlib.crc32(view[start : start + CHUNK], crc)
-            return crc
-        finally:
-            view.release()
+        return self._crc32_from(0)
 
     def data_crc32(self) -> int:
         """crc32 of the data section only (what the shard's own metadata records)."""
+        return self._crc32_from(self.header.data_start)
+
+    def _crc32_from(self, offset: int) -> int:
         with self._lock:
             if self._mm is None:
                 raise SctError(f"{self.label}: mapping was released")
-            view = memoryview(self._mm)[self.header.data_start :]
+            view = memoryview(self._mm)[offset:]
         try:
             crc = 0
             for start in range(0, len(view), CHUNK):
