@@ -82,7 +82,7 @@ def run_streamed(spec: BenchSpec) -> dict:
     from sct_edge.store import Store
 
     profile = load_profile(spec.profile, spec.budget)
-    torch.set_num_threads(spec.threads or profile.threads)
+    torch.set_num_threads(spec.threads or profile.usable_threads())
     config = spec.config()
     with tempfile.TemporaryDirectory(dir=spec.store) as tmp:
         started = time.perf_counter()

@@ -155,7 +155,7 @@ class Trainer:
 
     def _run(self) -> int:
         run, profile, events = self.run_config, self.profile, self.events
-        torch.set_num_threads(profile.threads)
+        torch.set_num_threads(profile.usable_threads())
         # Everything that can refuse the run (store, settings, budget, data) is checked before anything is
         # written, so bad input leaves no new store behind.
         path = run.store_path()
@@ -225,7 +225,7 @@ class Trainer:
         started = time.monotonic()
         step = first_step = store.step
         last_commit = step
-        threads = self.profile.threads
+        threads = self.profile.usable_threads()
         paused_by: str | None = None
         while step < total:
             decision = policy.check()
@@ -235,7 +235,7 @@ class Trainer:
                 else:
                     events.emit({"event": "resume", "reason": paused_by})
                 paused_by = decision.paused_by
-            wanted_threads = decision.threads or self.profile.threads
+            wanted_threads = self.profile.usable_threads(decision.threads)
             if wanted_threads != threads:
                 threads = wanted_threads
                 torch.set_num_threads(threads)
@@ -312,6 +312,6 @@ class MemoryMonitor:
 def inference_engine(store: Store, profile_name: str, budget: str | None, seq: int) -> StreamingStep:
     """A streamed engine for evaluation and generation: blocks paged under the profile as in training."""
     profile = load_profile(profile_name, budget)
-    torch.set_num_threads(profile.threads)
+    torch.set_num_threads(profile.usable_threads())
     plan = make_plan(store.config, profile, 1, min(seq, store.config.max_seq_len), 1, "lm")
     return StreamingStep(store, plan.resident_blocks, plan.prefetch_depth, OptimConfig(), resolve_device(profile))

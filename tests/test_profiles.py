@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 from pathlib import Path
 
@@ -156,6 +157,15 @@ def test_budget_override():
         load_profile("ci", "0GiB")
     with pytest.raises(SctError, match="--budget"):
         load_profile("ci", "big")
+
+
+def test_usable_threads_never_exceed_the_cores(tmp_path):
+    cores = len(os.sched_getaffinity(0))
+    many = load_profile(write_variant(tmp_path, lambda d: d.update(threads=cores + 3)))
+    assert many.threads == cores + 3  # the profile still says what the device has
+    assert many.usable_threads() == cores
+    assert many.usable_threads(1) == 1
+    assert load_profile("ci").usable_threads() == min(2, cores)
 
 
 def test_resolve_device(tmp_path):
