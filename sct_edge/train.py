@@ -224,7 +224,7 @@ class Trainer:
         events, control, run = self.events, self.control, self.run_config
         started = time.monotonic()
         step = first_step = store.step
-        last_commit = step
+        last_commit = last_eval = step
         threads = self.profile.usable_threads()
         paused_by: str | None = None
         while step < total:
@@ -252,6 +252,9 @@ class Trainer:
                     time.sleep(1.0)
                 continue
             if run.time_limit_s is not None and time.monotonic() - started > run.time_limit_s:
+                # The run's last word is its validation loss, as when it reaches its total.
+                if last_eval != step:
+                    self._evaluate(engine, corpus, seq, step, settings)
                 self._commit(store, engine, step, settings, sampler)
                 return "time_limit"
             micro = [next(sampler) for _ in range(settings["micro_batches"])]
@@ -280,6 +283,7 @@ class Trainer:
             if (run.eval_every and step % run.eval_every == 0) or control.eval_requested.is_set() or step == total:
                 control.eval_requested.clear()
                 self._evaluate(engine, corpus, seq, step, settings)
+                last_eval = step
             if control.sample_requested.is_set():
                 control.sample_requested.clear()
                 self._sample(engine, corpus, store, step)

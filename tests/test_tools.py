@@ -20,5 +20,18 @@ def test_compare_dense_trains_both_and_draws_the_curves(tmp_path):
     results = json.loads(figures.read_text())
     assert [r["kind"] for r in results] == ["sct", "dense"]
     for r in results:
-        assert [step for step, _ in r["evals"]] == [2, 4]
-        assert r["tokens_per_s"] > 0 and r["peak_rss_bytes"] > 0
+        assert [step for step, _, _ in r["evals"]] == [2, 4]
+        assert r["steps"] == 4 and r["tokens_per_s"] > 0 and r["peak_rss_bytes"] > 0
+
+
+def test_compare_dense_with_a_time_limit_plots_against_time(tmp_path):
+    pytest.importorskip("matplotlib")
+    out, figures = tmp_path / "curves.png", tmp_path / "figures.json"
+    subprocess.run([sys.executable, str(ROOT / "tools" / "compare_dense"), "--steps", "100000", "--dense-steps",
+                    "50000", "--time-limit", "3", "--eval-every", "0", "--batch", "2", "--seq", "16",
+                    "--out", str(out), "--json", str(figures)], check=True, capture_output=True, text=True)
+    assert out.read_bytes().startswith(b"\x89PNG")
+    for r in json.loads(figures.read_text()):
+        assert 0 < r["steps"] < 50000 and "--time-limit 3" in r["command"]
+        (step, minutes, _), = r["evals"]  # the run's closing evaluation
+        assert step == r["steps"] and 3 / 60 < minutes < 1

@@ -60,6 +60,17 @@ def wait_for_step(events: Path, step: int, process: subprocess.Popen, timeout: f
     raise AssertionError(f"no step {step} within {timeout} s")
 
 
+def test_time_limit_stops_commits_and_evaluates_the_last_step(tmp_path):
+    store, runs = tmp_path / "store", tmp_path / "runs"
+    sct("run", "--store", str(store), "--run-dir", str(runs), *FAST, "--steps", "100000", "--time-limit", "4")
+    events = read_events(runs / "events.jsonl")
+    last_step = max(e["step"] for e in events if e["event"] == "step")
+    assert 0 < last_step < 100000
+    assert events[-1] == {**events[-1], "event": "end", "reason": "time_limit", "step": last_step}
+    assert [e["step"] for e in events if e["event"] == "eval"] == [last_step]
+    assert json.loads((store / "manifest.json").read_text())["step"] == last_step
+
+
 def test_tiny_run_learns_and_eval_generate_work(tmp_path):
     store, runs = tmp_path / "store", tmp_path / "runs"
     sct("run", "--store", str(store), "--run-dir", str(runs), *FAST[:-2], "--eval-every", "20", "--steps", "60",
