@@ -90,7 +90,7 @@ def run_streamed(spec: BenchSpec) -> dict:
         create_s = time.perf_counter() - started
         plan = make_plan(config, profile, spec.batch, spec.seq, spec.micro_batches, spec.workload)
         engine = StreamingStep(store, plan.resident_blocks, plan.prefetch_depth, OptimConfig(),
-                               resolve_device(profile), workload=spec.workload, activations=profile.activations)
+                               resolve_device(profile), workload=spec.workload, activations=plan.activations)
         times, phases, reads, writes = [], [], [], []
         ortho = 0.0
         for step in range(1, spec.steps + 1):

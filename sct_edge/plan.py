@@ -104,7 +104,8 @@ class MemoryPlan:
     n_layers: int
     compute_dtype: str
     state_dtype: str
-    activations: str
+    activations: str  # the policy the step runs: keep, recompute or spill
+    activations_auto: bool  # whether the profile left the choice to the plan (`auto`)
     block_params: int  # stored parameters of the largest block
     block_weight_bytes: int
     block_moment_bytes: int
@@ -169,7 +170,7 @@ class MemoryPlan:
         lines = [
             f"plan: {self.model} under profile {self.profile} (budget {b(self.budget_bytes)}), workload "
             f"{self.workload}, batch {self.batch} × seq {self.seq}{mb}, compute {self.compute_dtype}, "
-            f"activations {self.activations}",
+            f"activations {self.activations}" + (" (auto)" if self.activations_auto else ""),
             f"  one block: {self.block_params:,} params → weights {b(self.block_weight_bytes)} + AdamW moments "
             f"{b(self.block_moment_bytes)} ({self.state_dtype}) = {b(self.block_resident_bytes)}; "
             f"its gradients {b(self.block_grad_bytes)} (one block at a time)",
@@ -269,7 +270,7 @@ def _check_inputs(config: ModelConfig, batch: int, seq: int, micro_batches: int,
 
 
 def _step_costs(
-    config: ModelConfig, profile: Profile, batch: int, seq: int, micro_batches: int, workload: str
+    config: ModelConfig, profile: Profile, batch: int, seq: int, micro_batches: int, workload: str, activations: str
 ) -> _StepCosts:
     _check_inputs(config, batch, seq, micro_batches, workload)
     state_bytes = DTYPE_BYTES[profile.state_dtype]
@@ -288,7 +289,7 @@ def _step_costs(
         embed_head_params=embed_head_params,
         embed_head_bytes=embed_head_params * (FP32 + 2 * state_bytes + FP32),
         boundary_tensor=boundary_tensor,
-        boundary=0 if profile.activations == "spill" else (config.n_layers + 1) * micro_batches * boundary_tensor,
+        boundary=0 if activations == "spill" else (config.n_layers + 1) * micro_batches * boundary_tensor,
         boundary_grad=micro_batches * boundary_tensor,
         saved=saved,
         transient=backward_transient_elements(config, batch, seq) * act_bytes,
@@ -297,7 +298,7 @@ def _step_costs(
         logits=3 * batch * seq * config.vocab_size * act_bytes if workload == "lm" else 0,
         # With keep, a resident block holds its forward graph until backward (its input is a boundary
         # activation already); a paged block always recomputes, since its weights leave RAM between the passes.
-        kept_per_block=micro_batches * (saved - boundary_tensor) if profile.activations == "keep" else 0,
+        kept_per_block=micro_batches * (saved - boundary_tensor) if activations == "keep" else 0,
     )
 
 
@@ -305,11 +306,23 @@ def minimum_budget(
     config: ModelConfig, profile: Profile, batch: int, seq: int, micro_batches: int = 1, workload: str = "lm"
 ) -> int:
     """The smallest budget `make_plan` accepts: the fixed costs plus one in-flight block, nothing resident."""
-    costs = _step_costs(config, profile, batch, seq, micro_batches, workload)
+    activations = "recompute" if profile.activations == "auto" else profile.activations
+    costs = _step_costs(config, profile, batch, seq, micro_batches, workload, activations)
     return min(
         costs.base + costs.paging_working_set + costs.block_bytes,
-        _all_resident_bytes(costs, config.n_layers, profile.activations == "keep"),
+        _all_resident_bytes(costs, config.n_layers, activations == "keep"),
     )
+
+
+def resolve_activations(
+    config: ModelConfig, profile: Profile, batch: int, seq: int, micro_batches: int, workload: str
+) -> str:
+    """The profile's activation policy, with `auto` decided: keep when the whole model and every block's
+    kept forward graph fit the budget (nothing is paged, and backward needs no recompute), else recompute."""
+    if profile.activations != "auto":
+        return profile.activations
+    costs = _step_costs(config, profile, batch, seq, micro_batches, workload, "keep")
+    return "keep" if _all_resident_bytes(costs, config.n_layers, keep=True) <= profile.memory_budget else "recompute"
 
 
 def _all_resident_bytes(costs: _StepCosts, n_layers: int, keep: bool) -> int:
@@ -337,9 +350,10 @@ def make_plan(
     """
     if read_bytes_per_s <= 0 or write_bytes_per_s <= 0:
         raise SctError("disk read and write speeds must be more than 0 bytes/s")
-    c = _step_costs(config, profile, batch, seq, micro_batches, workload)
+    activations = resolve_activations(config, profile, batch, seq, micro_batches, workload)
+    c = _step_costs(config, profile, batch, seq, micro_batches, workload, activations)
     n = config.n_layers
-    keep = profile.activations == "keep"
+    keep = activations == "keep"
     per_resident = c.block_bytes + c.kept_per_block
     budget = profile.memory_budget
     notes: list[str] = []
@@ -373,7 +387,7 @@ def make_plan(
     # Forward reads a paged block's weights; backward reads weights and moments and writes both back.
     io_read = sum(p * (FP32 + c.resident_per_param) for p in paged)
     io_write = sum(p * c.resident_per_param for p in paged)
-    if profile.activations == "spill":
+    if activations == "spill":
         # Each block's input goes to disk in forward and comes back for its backward.
         io_read += n * micro_batches * c.boundary_tensor
         io_write += n * micro_batches * c.boundary_tensor
@@ -393,7 +407,8 @@ def make_plan(
         n_layers=n,
         compute_dtype=profile.compute_dtype,
         state_dtype=profile.state_dtype,
-        activations=profile.activations,
+        activations=activations,
+        activations_auto=profile.activations == "auto",
         block_params=c.block_params,
         block_weight_bytes=c.block_params * FP32,
         block_moment_bytes=c.block_bytes - c.block_params * FP32,

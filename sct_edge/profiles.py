@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 DEVICES = ("cpu", "cuda", "mps", "auto")
 DTYPES = ("float32", "bfloat16")
-ACTIVATIONS = ("keep", "recompute", "spill")
+ACTIVATIONS = ("auto", "keep", "recompute", "spill")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 
 SIZE_UNITS = {

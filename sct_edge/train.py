@@ -179,7 +179,7 @@ class Trainer:
             optim = OptimConfig(lr_spectral=settings["lr_spectral"], lr_dense=settings["lr_dense"],
                                 weight_decay=settings["weight_decay"], max_grad_norm=settings["clip"])
             engine = StreamingStep(store, plan.resident_blocks, plan.prefetch_depth, optim, self.device,
-                                   on_event=events.emit, activations=profile.activations)
+                                   on_event=events.emit, activations=plan.activations)
             commit_every = run.commit_every or profile.commit_every
             policy = EdgePolicy(profile.battery, profile.thermal)
             events.emit({
@@ -188,6 +188,7 @@ class Trainer:
                 "seq": seq, "micro_batches": settings["micro_batches"], "workload": "lm", "total_steps": total,
                 "start_step": store.step, "n_blocks": store.config.n_layers,
                 "resident_blocks": plan.resident_blocks, "prefetch_depth": plan.prefetch_depth,
+                "activations": plan.activations,
                 "predicted_peak_bytes": plan.predicted_peak_bytes, "corpus": corpus.describe(),
             })
             monitor = MemoryMonitor(events)

@@ -189,6 +189,18 @@ def test_activation_modes():
     assert paged_keep.block_working_set_bytes == recompute.block_working_set_bytes
 
 
+def test_auto_activations_keep_exactly_when_everything_fits_with_kept_graphs():
+    config = get_preset("llama3-8b")
+    keep = make_plan(config, profile("100GiB", activations="keep"), 1, 64)
+    fits = make_plan(config, profile(f"{keep.predicted_peak_bytes}B", activations="auto"), 1, 64)
+    assert (fits.activations, fits.activations_auto) == ("keep", True)
+    assert fits.predicted_peak_bytes == keep.predicted_peak_bytes and "activations keep (auto)" in fits.describe()[0]
+    short = make_plan(config, profile(f"{keep.predicted_peak_bytes - 1}B", activations="auto"), 1, 64)
+    recompute = make_plan(config, profile(f"{keep.predicted_peak_bytes - 1}B"), 1, 64)
+    assert short.activations == "recompute" and short.predicted_peak_bytes == recompute.predicted_peak_bytes
+    assert not make_plan(config, profile("100GiB"), 1, 64).activations_auto
+
+
 def test_dtypes_and_seed_workload():
     config = get_preset("sct-70b")
     bf16 = make_plan(config, profile("100GiB", state_dtype="bfloat16", compute_dtype="bfloat16"), 1, 8)
