@@ -102,7 +102,7 @@ def run_streamed(spec: BenchSpec) -> dict:
             reads.append(result.bytes_read)
             writes.append(result.bytes_written)
             ortho = result.ortho_err
-        engine.residency.close()
+        engine.close()
         return summarise(times, phases, {
             "engine": "streamed", "bytes_read": statistics.median(reads[1:] or reads),
             "bytes_written": statistics.median(writes[1:] or writes), "ortho_err": ortho,

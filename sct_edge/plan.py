@@ -11,8 +11,9 @@ What RAM holds during a step (the terms of `MemoryPlan`):
 - one block's gradients (4 B a parameter): blocks are backpropagated, stepped and released one at a time.
 - embedding, LM head and final norm ("lm" workload): weights, moments and gradients, always resident.
 - boundary activations: each block's input for every micro-batch, (n_layers + 1) × micro-batches × batch ×
-  seq × dim elements (none in RAM with `activations = spill`, which writes them to disk), plus the gradient
-  waiting at the current boundary for every micro-batch.
+  seq × dim elements (with `activations = spill`, which writes them to disk, only two per micro-batch stay in
+  RAM: the input of the block being computed and the last block's output), plus the gradient waiting at the
+  current boundary for every micro-batch.
 - one block's backward working set (`block_saved_elements` + `backward_transient_elements`); with
   `activations = keep` each resident block also keeps its forward graph (its saved tensors) until backward,
   and only a paged block is recomputed.
@@ -289,7 +290,7 @@ def _step_costs(
         embed_head_params=embed_head_params,
         embed_head_bytes=embed_head_params * (FP32 + 2 * state_bytes + FP32),
         boundary_tensor=boundary_tensor,
-        boundary=0 if activations == "spill" else (config.n_layers + 1) * micro_batches * boundary_tensor,
+        boundary=(2 if activations == "spill" else config.n_layers + 1) * micro_batches * boundary_tensor,
         boundary_grad=micro_batches * boundary_tensor,
         saved=saved,
         transient=backward_transient_elements(config, batch, seq) * act_bytes,

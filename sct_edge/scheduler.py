@@ -14,8 +14,10 @@ across steps (no I/O at all when everything fits); the others are read by a back
 `prefetch_depth` blocks ahead of compute and written back by a background writer thread, overlapping I/O
 with compute.
 
-With the profile's `activations = "keep"`, resident blocks keep their forward graph instead (no recompute,
-more memory); paged blocks always recompute, since their weights leave RAM between the two passes.
+With `activations = "keep"` (or `auto` when the plan finds room), resident blocks keep their forward graph
+instead (no recompute, more memory); paged blocks always recompute, since their weights leave RAM between
+the two passes. With `activations = "spill"` the boundary activations go to disk in forward and come back
+in backward (`sct_edge/spill.py`): only the block being computed has its input in RAM.
 
 Global-norm gradient clipping needs every gradient before any update. With `max_grad_norm` set, the step
 runs a first backward pass that only measures the gradient norm (recomputing, nothing updated or written),
@@ -39,6 +41,7 @@ from sct_edge.config import ModelConfig
 from sct_edge.model import Block, build_embedding, build_head, rope_tables, tied_head_logits
 from sct_edge.optim import OptimConfig, adamw_update, is_orthonormal_factor
 from sct_edge.retraction import retract_
+from sct_edge.spill import ActivationSpill
 from sct_edge.store import block_shard, optim_shard
 
 EventSink = Callable[[dict], None]
@@ -224,6 +227,13 @@ class StreamingStep:
             resident |= {"embed", "embed.optim", "head", "head.optim"}
         self.resident_blocks = min(resident_blocks, self.n_layers)
         self.residency = Residency(store, resident, self.device, on_event)
+        self.spill = ActivationSpill(store.path) if activations == "spill" else None
+
+    def close(self) -> None:
+        """Finish pending writes, stop the I/O threads and remove spilled activations."""
+        self.residency.close()
+        if self.spill is not None:
+            self.spill.close()
 
     # ---------------------------------------------------------------- forward pieces
 
@@ -258,7 +268,7 @@ class StreamingStep:
         `step` is the optimizer step number being taken (1 for the first). The store is not committed here.
         """
         clock = PhaseClock()
-        read0, written0 = self.store.bytes_read, self.store.bytes_written
+        read0, written0 = self._bytes_moved()
         started = time.perf_counter()
         boundaries = self._forward(micro_batches, clock)
         grad_norm = None
@@ -274,11 +284,16 @@ class StreamingStep:
         accounted = sum(clock.seconds.values())
         clock.seconds["other"] = max(0.0, time.perf_counter() - started - accounted)
         tokens = sum(x.numel() for x, _ in micro_batches) if self.workload == "lm" else 0
+        read1, written1 = self._bytes_moved()
         return StepResult(
-            loss=result.loss, phase_s=clock.seconds, bytes_read=self.store.bytes_read - read0,
-            bytes_written=self.store.bytes_written - written0, ortho_err=result.ortho_err, grad_norm=grad_norm,
-            tokens=tokens,
+            loss=result.loss, phase_s=clock.seconds, bytes_read=read1 - read0, bytes_written=written1 - written0,
+            ortho_err=result.ortho_err, grad_norm=grad_norm, tokens=tokens,
         )
+
+    def _bytes_moved(self) -> tuple[int, int]:
+        """Bytes read and written so far: the store's shards plus spilled activations."""
+        spill_read, spill_written = (self.spill.bytes_read, self.spill.bytes_written) if self.spill else (0, 0)
+        return self.store.bytes_read + spill_read, self.store.bytes_written + spill_written
 
     def _rope(self, seq: int) -> tuple[Tensor, Tensor]:
         cos, sin = rope_tables(self.config, torch.arange(seq))
@@ -320,6 +335,12 @@ class StreamingStep:
                     hidden = [self._block(i, weights, h, rope) for h in hidden]
                 boundaries.append(hidden)
                 since = clock.add("forward", since)
+                if self.spill is not None:
+                    # Only a training step's backward needs block i's input again; evaluation drops it.
+                    if turnaround:
+                        self.spill.put(i, boundaries[i])
+                    boundaries[i] = None
+                    since = clock.add("spill", since)
                 self.residency.put(name, weights, modified=False)
                 del weights
                 if turnaround and pos == len(order) - 1:
@@ -400,7 +421,7 @@ class StreamingStep:
         grads, loss, squared = self._head_backward(micro_batches, boundaries[-1], clock, step, lr_scale, update,
                                                    grad_scale)
         ortho = 0.0
-        rope = self._rope(boundaries[0][0].shape[1])
+        rope = self._rope(boundaries[-1][0].shape[1])
         order = list(range(self.n_layers))[::-1]
         for pos, i in enumerate(order):
             name = block_shard(i)
@@ -416,9 +437,14 @@ class StreamingStep:
                     out.backward(g, retain_graph=not update)
                 grads = [h.grad for h in inputs]
             else:
+                if boundaries[i] is None:
+                    inputs = self.spill.get(i)
+                    since = clock.add("spill", since)
+                else:
+                    inputs = boundaries[i]
                 params = {k: v.detach().requires_grad_() for k, v in tensors.items()}
                 new_grads = []
-                for h, g in zip(boundaries[i], grads, strict=True):
+                for h, g in zip(inputs, grads, strict=True):
                     h = h.detach().requires_grad_()
                     self._block(i, params, h, rope).backward(g)
                     new_grads.append(h.grad)

@@ -197,7 +197,7 @@ class Trainer:
                 reason = self._loop(store, engine, sampler, corpus, settings, total, seq, commit_every, policy, plan)
             finally:
                 monitor.stop()
-                engine.residency.close()
+                engine.close()
             events.emit({"event": "end", "step": store.step, "reason": reason})
         return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,17 @@ def toy_bpe_vocab(toy_bpe) -> tuple[list[str], list[str]]:
     tokens = [tok.id_to_token(i) for i in range(tok.get_vocab_size(with_added_tokens=True))]
     merges = json.loads(tok.to_str())["model"]["merges"]
     return tokens, [m if isinstance(m, str) else " ".join(m) for m in merges]
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """An 8 MiB tmpfs (root only; skipped elsewhere): a disk that really fills up."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

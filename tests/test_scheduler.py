@@ -93,7 +93,7 @@ def test_streamed_step_equals_in_memory_reference_when_every_block_is_paged(tmp_
     assert_store_matches(Store.open(tmp_path / "store"), model, reference, "lm")
 
 
-@pytest.mark.parametrize("activations", ["recompute", "keep"])
+@pytest.mark.parametrize("activations", ["recompute", "keep", "spill"])
 def test_seed_workload_streamed_equals_reference(tmp_path, activations):
     config = multi_block(attention="seed", n_kv_heads=4)
     optim = OptimConfig(lr_spectral=0.02)
@@ -113,6 +113,56 @@ def test_seed_workload_streamed_equals_reference(tmp_path, activations):
         micro = batches(config, 2, seed=step, workload="seed")
         assert engine.step(micro, step).loss == pytest.approx(reference.step(micro), rel=1e-5)
     engine.residency.close()
+
+
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_spill_moves_boundary_activations_through_disk_and_matches_the_reference(tmp_path, clip):
+    config = multi_block()
+    optim = OptimConfig(lr_spectral=0.05, max_grad_norm=clip)
+    store = Store.create(tmp_path / "store", config, seed=4)
+    engine = StreamingStep(store, config.n_layers, 0, optim, activations="spill")
+    model = Transformer(config, seed=4)
+    reference = InMemoryStep(model, optim)
+    micro = batches(config, 3, seed=5)
+    first_read = sum(store.shard_bytes(n) for n in store.shard_names())
+    result = engine.step(micro, 1)
+    assert result.loss == pytest.approx(reference.step(micro), abs=1e-5)
+    # Everything is resident: the only I/O after the first read is block inputs, out in forward and back
+    # in backward (twice with clipping's norm pass), as the plan predicts.
+    plan = make_plan(config, dataclasses.replace(load_profile("ci"), activations="spill"), 2, 7, 3)
+    spilled = engine.spill.bytes_written
+    assert plan.io_write_bytes_per_step == config.n_layers * 3 * 2 * 7 * config.dim * 4
+    assert plan.io_write_bytes_per_step <= spilled < plan.io_write_bytes_per_step + config.n_layers * 1024
+    assert result.bytes_written == spilled
+    assert result.bytes_read == first_read + spilled * (2 if clip else 1)
+    assert result.phase_s["spill"] > 0
+    spill_dir = engine.spill.path
+    assert spill_dir.parent == tmp_path and spill_dir.name.startswith(".store.spill-")
+    engine.residency.flush()
+    store.commit(1, {})
+    assert_store_matches(Store.open(tmp_path / "store"), model, reference, "lm")
+    engine.close()
+    assert not spill_dir.exists()
+
+
+def test_a_full_disk_while_spilling_is_a_clean_error_and_the_store_stays_committed(small_tmpfs):
+    config = multi_block()
+    store = Store.create(small_tmpfs / "store", config)
+    before = {name: store.read(name) for name in store.shard_names()}
+    engine = StreamingStep(store, config.n_layers, 0, OptimConfig(), activations="spill")
+    with open(small_tmpfs / "filler", "wb") as filler, pytest.raises(OSError, match="No space left"):
+        while True:
+            filler.write(b"\0" * 65536)
+            filler.flush()
+    with pytest.raises(SctError, match=r"^activation spill .*/0\.safetensors: no space left on device$"):
+        engine.step(batches(config, 1, seed=1), 1)
+    engine.close()
+    assert not engine.spill.path.exists()
+    with Store.open(small_tmpfs / "store") as reopened:
+        assert reopened.step == 0
+        for name, tensors in before.items():
+            for key, value in reopened.read(name).items():
+                assert torch.equal(value, tensors[key]), (name, key)
 
 
 def test_all_resident_reads_each_shard_once_and_then_never(tmp_path):

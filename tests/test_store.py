@@ -498,19 +498,6 @@ def test_not_a_store(base_store, tmp_path):
 # ----------------------------------------------------------------------------------------- full disk
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_full_disk_keeps_the_last_committed_state(small_tmpfs):
     path = small_tmpfs / "s"
     store = Store.create(path, tiny())  # ~4.6 MB on an 8 MB disk: a full rewrite cannot fit

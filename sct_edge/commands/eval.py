@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         # evaluate() averages per batch; weight by windows so a short last batch counts as what it holds.
         total = sum(engine.evaluate([(x, y)]) * x.shape[0] for x, y in windows)
     finally:
-        engine.residency.close()
+        engine.close()
     n_windows = sum(x.shape[0] for x, _ in windows)
     loss = total / n_windows
     result = {"loss": loss, "ppl": math.exp(loss), "tokens": n_windows * seq, "windows": n_windows, "seq_len": seq}

@@ -66,6 +66,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         generate(engine, prompt, args.max_new_tokens, args.temperature, args.top_k or None, args.seed, stop, stream)
     finally:
-        engine.residency.close()
+        engine.close()
     sys.stdout.write(tokenizer.decode(out)[printed:] + "\n")
     return 0
