@@ -55,16 +55,33 @@ def tune_malloc() -> None:
     Allocations up to 32 MiB (activations, gradients, AdamW scratch: a step makes thousands) are served from
     the heap and reused; with glibc's small initial mmap threshold, or a tiny one, each of them is a fresh
     mmap that the kernel must zero and fault in, which measured half the tiny preset's step time in system
-    CPU. Free memory at the top of the heap beyond 64 MiB goes back to the OS, so paged blocks that come and
-    go do not stay in the resident set. (Blocks read from the store are file maps, not malloc'd.)
+    CPU. Free memory at the top of the heap beyond 64 MiB goes back to the OS, and when blocks are paged the
+    reader trims every arena before each block it loads (`release_free_heap`), so paged blocks that come
+    and go do not stay in the resident set.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+    libc = _libc()
+    if libc is None:
         return  # not glibc (macOS, musl): nothing to tune
     m_trim_threshold, m_mmap_threshold = -1, -3
     libc.mallopt(m_mmap_threshold, 32 << 20)
     libc.mallopt(m_trim_threshold, 64 << 20)
+
+
+def release_free_heap() -> None:
+    """Return the free memory of every malloc arena to the OS (glibc's malloc_trim; a no-op elsewhere)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018 - glibc only
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 def strip_prefix(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -155,6 +172,9 @@ class Residency:
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="sct-write", initializer=_single_threaded)
 
     def _load(self, name: str) -> dict[str, Tensor]:
+        # Paged blocks come and go in every thread's malloc arena; each arena may keep up to the trim
+        # threshold of freed memory, which a tight budget cannot spare. Hand it back before each new block.
+        release_free_heap()
         views = self.store.read(name)
         tensors = {k: v.to(self.device, copy=True) for k, v in views.items()}
         del views
