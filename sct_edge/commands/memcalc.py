@@ -22,6 +22,7 @@ from sct_edge.memory import GB, MB, count_params, format_bytes, mlp_layer_table,
 from sct_edge.plan import (
     DEFAULT_READ_BYTES_PER_S,
     DEFAULT_WRITE_BYTES_PER_S,
+    RUNTIME_OVERHEAD_BYTES,
     WORKLOADS,
     MemoryPlan,
     backward_transient_elements,
@@ -39,9 +40,9 @@ NOTES = [
     "The seeds' 7.24 GB (7,235.5 MB on the Steam Deck) was an estimate, parameter count × 16 bytes, not a measurement.",
     "Their 70B-class (preset sct-70b) used full-size 8192 × 8192 k and v projections (LLaMA-3-70B has 8 KV heads: "
     "8192 × 1024) and counted no embeddings, LM head or norms outside the blocks, and no activations.",
-    "The runtime itself costs memory: the Python + torch process (256 MiB; 220 MiB measured after import on "
-    "Linux x86-64, torch 2.13 CPU), activations and the buffers of blocks in flight. sct-edge's predicted peak "
-    "includes them; the seeds' figure does not.",
+    f"The runtime itself costs memory: the Python + torch process ({RUNTIME_OVERHEAD_BYTES >> 20} MiB; 220 MiB "
+    "measured after import on Linux x86-64, torch 2.13 CPU, about 300 MiB in a running trainer), activations "
+    "and the buffers of blocks in flight. sct-edge's predicted peak includes them; the seeds' figure does not.",
     "I/O time is the step's bytes at the stated disk speeds with no overlap: prefetching overlaps it with "
     "compute, so it is an upper bound on the time I/O adds.",
 ]
