@@ -26,8 +26,6 @@ then the real backward pass with the gradients scaled; it costs one extra backwa
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,6 +38,7 @@ from torch.func import functional_call
 
 from sct_edge.config import ModelConfig
 from sct_edge.model import Block, build_embedding, build_head, rope_tables, tied_head_logits
+from sct_edge.native import release_free_heap, single_openmp_thread, tune_malloc
 from sct_edge.optim import OptimConfig, adamw_update, is_orthonormal_factor
 from sct_edge.retraction import retract_
 from sct_edge.spill import ActivationSpill
@@ -47,41 +46,6 @@ from sct_edge.store import block_shard, optim_shard
 
 EventSink = Callable[[dict], None]
 MAX_PENDING_WRITES = 2  # shards (one block's weights and moments) queued for write-back at most
-
-
-def tune_malloc() -> None:
-    """Fix glibc's malloc thresholds (a no-op elsewhere) so the step neither page-faults nor hoards memory.
-
-    Allocations up to 32 MiB (activations, gradients, AdamW scratch: a step makes thousands) are served from
-    the heap and reused; with glibc's small initial mmap threshold, or a tiny one, each of them is a fresh
-    mmap that the kernel must zero and fault in, which measured half the tiny preset's step time in system
-    CPU. Free memory at the top of the heap beyond 64 MiB goes back to the OS, and when blocks are paged the
-    reader trims every arena before each block it loads (`release_free_heap`), so paged blocks that come
-    and go do not stay in the resident set.
-    """
-    libc = _libc()
-    if libc is None:
-        return  # not glibc (macOS, musl): nothing to tune
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 32 << 20)
-    libc.mallopt(m_trim_threshold, 64 << 20)
-
-
-def release_free_heap() -> None:
-    """Return the free memory of every malloc arena to the OS (glibc's malloc_trim; a no-op elsewhere)."""
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL | None:
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim  # noqa: B018 - glibc only
-    except (OSError, AttributeError):
-        return None
-    return libc
 
 
 def strip_prefix(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -118,34 +82,6 @@ class PhaseClock:
         return now
 
 
-def _single_threaded() -> None:
-    """Give the calling thread a single OpenMP thread, leaving the compute thread's settings alone.
-
-    `torch.set_num_threads` would not do: it also sets MKL's process-wide count. torch gives a thread its
-    OpenMP default on the thread's first torch call, so the override comes after one.
-    """
-    torch.get_num_threads()
-    runtime = _openmp_runtime()
-    if runtime is not None:
-        runtime.omp_set_num_threads(1)
-
-
-@functools.cache
-def _openmp_runtime() -> ctypes.CDLL | None:
-    """The OpenMP runtime torch loaded (libgomp on Linux wheels), found in the process's memory map."""
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "libgomp" in line or "libomp" in line}
-    except OSError:
-        return None  # no /proc (macOS): leave the I/O threads at torch's default
-    for path in sorted(paths):
-        try:
-            return ctypes.CDLL(path)
-        except OSError:
-            continue
-    return None
-
-
 class Residency:
     """Which shards live in RAM, and the reader/writer threads that page the others.
 
@@ -168,8 +104,8 @@ class Residency:
         # team, and once a process runs more OpenMP threads than cores, libgomp stops spinning between
         # parallel regions: every small op of the compute thread then waits for its team to wake (measured:
         # the retraction of 10 sct-70b layers 0.19 s instead of 0.13 s).
-        self.reader = ThreadPoolExecutor(1, thread_name_prefix="sct-read", initializer=_single_threaded)
-        self.writer = ThreadPoolExecutor(1, thread_name_prefix="sct-write", initializer=_single_threaded)
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="sct-read", initializer=single_openmp_thread)
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="sct-write", initializer=single_openmp_thread)
 
     def _load(self, name: str) -> dict[str, Tensor]:
         # Paged blocks come and go in every thread's malloc arena; each arena may keep up to the trim
