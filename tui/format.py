@@ -4,22 +4,14 @@ from __future__ import annotations
 
 from textual.content import Content
 
+from sct_edge.memory import format_bytes
+
 BAR_EIGHTHS = " ▏▎▍▌▋▊▉"
 
 
 def fmt_bytes(n: int | float | None) -> str:
-    """Binary units, three significant digits: '512 B', '41.0 KiB', '412 MiB', '1.00 GiB'."""
-    if n is None:
-        return "–"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            break
-        value /= 1024
-    if unit == "B":
-        return f"{int(value)} B"
-    digits = 2 if abs(value) < 10 else 1 if abs(value) < 100 else 0
-    return f"{value:.{digits}f} {unit}"
+    """Binary units, three significant digits ('412 MiB', '1.00 GiB'); '–' when unknown."""
+    return "–" if n is None else format_bytes(n)
 
 
 def fmt_duration(seconds: float | None) -> str:
