@@ -23,7 +23,7 @@ import zlib
 
 import torch
 
-from sct_edge.store import Store
+from sct_edge.store.store import Store
 
 
 def written_at(index: int, step: int) -> bool:

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from sct_edge.data import (
+from sct_edge.convert.tokenizer import BPETokenizer, ByteTokenizer
+from sct_edge.errors import SctError
+from sct_edge.train.data import (
     META_FILE,
     TRAIN_FILE,
     VAL_FILE,
@@ -18,8 +20,6 @@ from sct_edge.data import (
     prepare_corpus,
     stdlib_documents,
 )
-from sct_edge.errors import SctError
-from sct_edge.tokenizer import BPETokenizer, ByteTokenizer
 
 
 class GenericByteTokenizer(ByteTokenizer):

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from sct_edge.config import ModelConfig, get_preset
+from sct_edge.convert.gguf_reader import read_gguf, unpermute_qk
+from sct_edge.convert.source_model import expected_shapes
+from sct_edge.convert.tokenizer import BPETokenizer
 from sct_edge.errors import SctError
-from sct_edge.gguf_reader import read_gguf, unpermute_qk
-from sct_edge.source_model import expected_shapes
-from sct_edge.tokenizer import BPETokenizer
+from sct_edge.model.config import ModelConfig, get_preset
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
@@ -305,7 +305,7 @@ def test_smollm2_config_tokenizer_and_tensors(smollm2_gguf):
 @pytest.mark.realmodel
 def test_smollm2_dense_greedy_decoding_says_paris(smollm2_gguf):
     """End-to-end check of the un-permutation and RoPE convention: the imported model answers correctly."""
-    from sct_edge.model import Transformer
+    from sct_edge.model.transformer import Transformer
 
     source = read_gguf(smollm2_gguf)
     model = Transformer(source.config, spectral=False, device="meta")

@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sct_edge.config import ModelConfig
+from sct_edge.convert.hf_checkpoint import hf_name, read_hf, write_hf
+from sct_edge.convert.source_model import expected_shapes
+from sct_edge.convert.tokenizer import BPETokenizer, ByteTokenizer
 from sct_edge.errors import SctError
-from sct_edge.hf_checkpoint import hf_name, read_hf, write_hf
-from sct_edge.source_model import expected_shapes
-from sct_edge.tokenizer import BPETokenizer, ByteTokenizer
+from sct_edge.model.config import ModelConfig
 
 TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 

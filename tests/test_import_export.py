@@ -17,14 +17,14 @@ from test_gguf_reader import random_weights, write_gguf
 from test_gguf_reader import tiny_config as gguf_tiny_config
 
 from sct_edge.cli import main
-from sct_edge.config import ModelConfig
+from sct_edge.convert.exporter import export_store, in_memory_model
+from sct_edge.convert.hf_checkpoint import hf_name, read_hf
+from sct_edge.convert.importer import ImportPolicy, factorize, first_layers, import_model, open_source, randomized_svd
+from sct_edge.convert.source_model import expected_shapes
+from sct_edge.convert.tokenizer import BPETokenizer, tokenizer_from_json
 from sct_edge.errors import SctError
-from sct_edge.exporter import export_store, in_memory_model
-from sct_edge.hf_checkpoint import hf_name, read_hf
-from sct_edge.importer import ImportPolicy, factorize, first_layers, import_model, open_source, randomized_svd
-from sct_edge.source_model import expected_shapes
-from sct_edge.store import Store
-from sct_edge.tokenizer import BPETokenizer, tokenizer_from_json
+from sct_edge.model.config import ModelConfig
+from sct_edge.store.store import Store
 
 gguf = pytest.importorskip("gguf")
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from sct_edge.cli import main
-from sct_edge.config import RankPolicy, get_preset
-from sct_edge.memory import GB, MB
+from sct_edge.model.accounting import GB, MB
+from sct_edge.model.config import RankPolicy, get_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference" / "seed_numbers.json"
-PACKAGED = ROOT / "sct_edge" / "seed_numbers.json"
+PACKAGED = ROOT / "sct_edge" / "model" / "published_numbers.json"
 TOOL = ROOT / "tools" / "memcalc"
 
 

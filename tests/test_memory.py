@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from sct_edge.config import RankPolicy, get_preset
-from sct_edge.memory import GB, MB, count_params, mlp_layer_table, train_bytes
+from sct_edge.model.accounting import GB, MB, count_params, mlp_layer_table, train_bytes
+from sct_edge.model.config import RankPolicy, get_preset
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "seed_numbers.json"
-PACKAGED = Path(__file__).resolve().parents[1] / "sct_edge" / "seed_numbers.json"
+PACKAGED = Path(__file__).resolve().parents[1] / "sct_edge" / "model" / "published_numbers.json"
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_per_mlp_layer_table(seeds):
 
 def test_counts_match_instantiated_model():
     """The formulas agree with the parameters a real model allocates, dense and spectral, tied and untied."""
-    from sct_edge.model import Transformer
+    from sct_edge.model.transformer import Transformer
 
     for name in ("tiny", "smollm2-135m"):
         config = get_preset(name)

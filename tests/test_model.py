@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from sct_edge.config import ModelConfig, RankPolicy, get_preset
-from sct_edge.model import Block, KVCache, Transformer, rope_tables
+from sct_edge.model.config import ModelConfig, RankPolicy, get_preset
+from sct_edge.model.transformer import Block, KVCache, Transformer, rope_tables
 
 
 def small_config(**overrides) -> ModelConfig:

@@ -5,7 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from sct_edge.native import _openmp_runtime, single_openmp_thread
+from sct_edge.engine.process import _openmp_runtime, single_openmp_thread
 
 
 def test_single_openmp_thread_is_the_calling_threads_alone():

@@ -8,17 +8,17 @@ import re
 import pytest
 import torch
 
-from sct_edge.config import ModelConfig, RankPolicy, get_preset
-from sct_edge.errors import SctError
-from sct_edge.memory import count_params
-from sct_edge.model import Block, rope_tables
-from sct_edge.plan import (
+from sct_edge.engine.plan import (
     RUNTIME_OVERHEAD_BYTES,
     block_saved_elements,
     make_plan,
     minimum_budget,
 )
-from sct_edge.profiles import load_profile, parse_size
+from sct_edge.engine.profile import load_profile, parse_size
+from sct_edge.errors import SctError
+from sct_edge.model.accounting import count_params
+from sct_edge.model.config import ModelConfig, RankPolicy, get_preset
+from sct_edge.model.transformer import Block, rope_tables
 
 GiB, MiB = 2**30, 2**20
 

@@ -1,7 +1,7 @@
 """The battery/thermal policy acts on readings from its sensor seam; the real psutil readings run too."""
 
-from sct_edge.policy import Battery, EdgePolicy, Sensors, read_battery, read_temperature
-from sct_edge.profiles import load_profile
+from sct_edge.engine.profile import load_profile
+from sct_edge.train.edge_policy import Battery, EdgePolicy, Sensors, read_battery, read_temperature
 
 
 def scripted(battery_readings, temperature_readings) -> Sensors:

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from sct_edge.cli import main
+from sct_edge.engine.profile import load_profile, parse_size, profile_dirs, resolve_device, shipped_profiles
 from sct_edge.errors import SctError
-from sct_edge.profiles import load_profile, parse_size, profile_dirs, resolve_device, shipped_profiles
 
 SHIPPED = profile_dirs()[0]
 GiB, MiB = 2**30, 2**20

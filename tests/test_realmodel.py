@@ -18,11 +18,11 @@ import pytest
 import torch
 
 from sct_edge.cli import main
-from sct_edge.exporter import in_memory_model
-from sct_edge.gguf_reader import read_gguf
-from sct_edge.importer import ImportPolicy, first_layers, import_model
-from sct_edge.model import Transformer
-from sct_edge.store import Store
+from sct_edge.convert.exporter import in_memory_model
+from sct_edge.convert.gguf_reader import read_gguf
+from sct_edge.convert.importer import ImportPolicy, first_layers, import_model
+from sct_edge.model.transformer import Transformer
+from sct_edge.store.store import Store
 
 pytestmark = pytest.mark.realmodel
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sct_edge.errors import SctError
-from sct_edge.retraction import RetractionResult, householder_retraction, orthonormality_error, retract_
+from sct_edge.model.retraction import RetractionResult, householder_retraction, orthonormality_error, retract_
 
 SHAPES = [(16, 4), (64, 8), (200, 16), (33, 33)]
 DTYPES = [torch.float32, torch.float64]

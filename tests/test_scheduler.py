@@ -5,15 +5,15 @@ import dataclasses
 import pytest
 import torch
 
-from sct_edge.config import ModelConfig, RankPolicy
+from sct_edge.engine.adamw import OptimConfig
+from sct_edge.engine.plan import make_plan
+from sct_edge.engine.profile import load_profile
+from sct_edge.engine.reference import InMemoryStep
+from sct_edge.engine.step import StreamingStep
 from sct_edge.errors import SctError
-from sct_edge.model import Transformer
-from sct_edge.optim import OptimConfig
-from sct_edge.plan import make_plan
-from sct_edge.profiles import load_profile
-from sct_edge.reference import InMemoryStep
-from sct_edge.scheduler import StreamingStep
-from sct_edge.store import Store, block_shard, optim_shard
+from sct_edge.model.config import ModelConfig, RankPolicy
+from sct_edge.model.transformer import Transformer
+from sct_edge.store.store import Store, block_shard, optim_shard
 
 
 def multi_block(**overrides) -> ModelConfig:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sct_edge.errors import SctError
-from sct_edge.spectral import SpectralLinear, rank_for_energy, spectral_apply, truncated_svd
+from sct_edge.model.spectral import SpectralLinear, rank_for_energy, spectral_apply, truncated_svd
 
 
 @pytest.mark.parametrize("n_in,n_out,rank,batch", [(7, 5, 3, 4), (16, 32, 8, 2), (33, 12, 12, 5)])

@@ -17,13 +17,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sct_edge import store as store_module
 from sct_edge.cli import main as cli_main
-from sct_edge.config import ModelConfig, RankPolicy, get_preset
 from sct_edge.errors import SctError
-from sct_edge.model import Transformer
-from sct_edge.shardfile import crc32_combine, crc32_zeros
-from sct_edge.store import MANIFEST, Store, initial_tensors, param_prefix
+from sct_edge.model.config import ModelConfig, RankPolicy, get_preset
+from sct_edge.model.transformer import Transformer
+from sct_edge.store import store as store_module
+from sct_edge.store.shardfile import crc32_combine, crc32_zeros
+from sct_edge.store.store import MANIFEST, Store, initial_tensors, param_prefix
 
 
 def tiny() -> ModelConfig:
@@ -312,7 +312,7 @@ def test_views_are_zero_copy_and_copy_on_write(base_store, tmp_path):
 RSS_PROBE = """
 import json, sys
 import psutil
-from sct_edge.store import Store
+from sct_edge.store.store import Store
 proc = psutil.Process()
 store = Store.open(sys.argv[1])
 name = "block.000"

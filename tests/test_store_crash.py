@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from store_crash_worker import step_state, step_tensors, written_at
 
-from sct_edge.config import get_preset
-from sct_edge.store import LOCK, MANIFEST, TOKENIZER, Store
+from sct_edge.model.config import get_preset
+from sct_edge.store.store import LOCK, MANIFEST, TOKENIZER, Store
 
 TRIALS = 40
 

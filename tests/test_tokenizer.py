@@ -8,14 +8,14 @@ import sys
 
 import pytest
 
-from sct_edge.errors import SctError
-from sct_edge.tokenizer import (
+from sct_edge.convert.tokenizer import (
     BPETokenizer,
     ByteTokenizer,
     hf_tokenizer_json,
     tokenizer_from_hf_json,
     tokenizer_from_json,
 )
+from sct_edge.errors import SctError
 
 TEXTS = [
     "The capital of France is Paris.",
@@ -84,7 +84,7 @@ def test_missing_tokenizers_package_says_how_to_install(monkeypatch, toy_bpe):
 
 @pytest.fixture(scope="module")
 def smollm2_tokenizer(smollm2_gguf):
-    from sct_edge.gguf_reader import read_gguf
+    from sct_edge.convert.gguf_reader import read_gguf
 
     return read_gguf(smollm2_gguf).tokenizer
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sct_edge.events import read_events
+from sct_edge.train.events import read_events
 
 FAST = ["--profile", "ci", "--no-tui", "--batch", "4", "--seq", "32", "--eval-every", "0"]
 

@@ -22,12 +22,12 @@ from textual import events
 
 from sct_edge.cli import main as cli_main
 from sct_edge.errors import SctError
-from sct_edge.events import Control, EventLog, read_events
-from tui.app import SctEdgeApp
-from tui.format import fmt_bytes, fmt_clock, fmt_duration
-from tui.sources import FollowSource, LiveSource, ReplaySource
-from tui.state import BLOCK_STATES, RunView, fold
-from tui.widgets import EventsPanel, LayerMap, MemoryPanel, ProgressPanel, StatusPanel
+from sct_edge.train.events import Control, EventLog, read_events
+from sct_edge.tui.app import SctEdgeApp
+from sct_edge.tui.format import fmt_bytes, fmt_clock, fmt_duration
+from sct_edge.tui.sources import FollowSource, LiveSource, ReplaySource
+from sct_edge.tui.state import BLOCK_STATES, RunView, fold
+from sct_edge.tui.widgets import EventsPanel, LayerMap, MemoryPanel, ProgressPanel, StatusPanel
 
 ROOT = Path(__file__).resolve().parents[1]
 STREAM = Path(__file__).with_name("data") / "tui_stream.jsonl"
@@ -325,7 +325,7 @@ def test_watch_needs_a_run_directory(tmp_path, capsys):
 
 
 def make_live_app(tmp_path: Path, steps: int, batch: int, seq: int) -> tuple[SctEdgeApp, Path]:
-    from sct_edge.train import RunConfig, Trainer
+    from sct_edge.train.trainer import RunConfig, Trainer
 
     run = RunConfig(
         profile="ci",
@@ -424,7 +424,7 @@ def test_ui_answers_keys_during_a_long_step(tmp_path):
 
 
 def test_trainer_errors_are_shown_and_reraised(tmp_path):
-    from sct_edge.train import RunConfig, Trainer
+    from sct_edge.train.trainer import RunConfig, Trainer
 
     # A store path that is a file: the trainer fails when it opens it, after the screen is up.
     (tmp_path / "store").write_text("not a store")

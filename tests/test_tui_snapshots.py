@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 from test_tui import STREAM, mid_step
 
-from sct_edge.events import read_events
-from tui.app import SctEdgeApp
-from tui.sources import ReplaySource
+from sct_edge.train.events import read_events
+from sct_edge.tui.app import SctEdgeApp
+from sct_edge.tui.sources import ReplaySource
 
 
 @pytest.fixture(scope="module")

@@ -35,8 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sct_edge.bench import BenchSpec, run_child, run_reference, run_streamed
-    from sct_edge.cgroup import memory_cap
+    from sct_edge.engine.benchmark import BenchSpec, run_child, run_reference, run_streamed
+    from sct_edge.engine.memory_cap import memory_cap
 
     if args.steps < 1:
         raise SctError("--steps must be at least 1")

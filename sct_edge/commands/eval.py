@@ -25,10 +25,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from sct_edge.data import eval_batches
-    from sct_edge.store import Store
-    from sct_edge.tokenizer import tokenizer_from_json
-    from sct_edge.train import inference_engine
+    from sct_edge.convert.tokenizer import tokenizer_from_json
+    from sct_edge.store.store import Store
+    from sct_edge.train.data import eval_batches
+    from sct_edge.train.trainer import inference_engine
 
     if not args.text.is_file():
         raise SctError(f"{args.text}: no such text file")

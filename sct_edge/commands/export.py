@@ -1,5 +1,5 @@
 """`sct-edge export STORE OUT`: write a store as a dense Hugging Face LLaMA directory, one matrix at a time;
-see `sct_edge.exporter`."""
+see `sct_edge.convert.exporter`."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import argparse
 import resource
 from pathlib import Path
 
-from sct_edge.memory import format_bytes
+from sct_edge.model.accounting import format_bytes
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from sct_edge.exporter import EXPORT_DTYPES
+    from sct_edge.convert.exporter import EXPORT_DTYPES
 
     p = subparsers.add_parser("export", help="write a store as a dense Hugging Face LLaMA directory")
     p.add_argument("store", metavar="STORE", help="store directory")
@@ -31,8 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sct_edge.exporter import export_store
-    from sct_edge.profiles import parse_size
+    from sct_edge.convert.exporter import export_store
+    from sct_edge.engine.profile import parse_size
 
     result = export_store(
         Path(args.store),

@@ -33,10 +33,10 @@ def chat_prompt(template: str | None, message: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sct_edge.generate import generate
-    from sct_edge.store import Store
-    from sct_edge.tokenizer import tokenizer_from_json
-    from sct_edge.train import inference_engine
+    from sct_edge.convert.tokenizer import tokenizer_from_json
+    from sct_edge.engine.sampling import generate
+    from sct_edge.store.store import Store
+    from sct_edge.train.trainer import inference_engine
 
     if args.max_new_tokens < 1:
         raise SctError("--max-new-tokens must be at least 1")

@@ -1,5 +1,5 @@
 """`sct-edge import SOURCE STORE`: convert a pretrained LLaMA-family model (a Hugging Face directory or a GGUF
-file) into a spectral store by truncated SVD, one matrix at a time; see `sct_edge.importer`."""
+file) into a spectral store by truncated SVD, one matrix at a time; see `sct_edge.convert.importer`."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from sct_edge.config import COMPONENTS
 from sct_edge.errors import SctError
-from sct_edge.memory import format_bytes
-from sct_edge.store import STATE_DTYPES
+from sct_edge.model.accounting import format_bytes
+from sct_edge.model.config import COMPONENTS
+from sct_edge.store.store import STATE_DTYPES
 
 
 def _component_rank(text: str) -> int | str:
-    from sct_edge.importer import component_rank
+    from sct_edge.convert.importer import component_rank
 
     try:
         return component_rank(text)
@@ -90,7 +90,7 @@ def summary_lines(result) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sct_edge.importer import ImportPolicy, import_model, open_source
+    from sct_edge.convert.importer import ImportPolicy, import_model, open_source
 
     source = open_source(args.source)
     policy = ImportPolicy(

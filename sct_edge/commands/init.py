@@ -14,10 +14,10 @@ import sys
 import torch
 from tqdm import tqdm
 
-from sct_edge.config import COMPONENTS, PRESETS, get_preset
 from sct_edge.errors import SctError
-from sct_edge.memory import format_bytes
-from sct_edge.store import STATE_DTYPES, Store
+from sct_edge.model.accounting import format_bytes
+from sct_edge.model.config import COMPONENTS, PRESETS, get_preset
+from sct_edge.store.store import STATE_DTYPES, Store
 
 
 def rank_arg(text: str) -> int | str:

@@ -11,9 +11,9 @@ import json
 import os
 from pathlib import Path
 
-from sct_edge.config import COMPONENTS
-from sct_edge.memory import count_params, format_bytes
-from sct_edge.store import Store
+from sct_edge.model.accounting import count_params, format_bytes
+from sct_edge.model.config import COMPONENTS
+from sct_edge.store.store import Store
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -16,10 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from sct_edge.config import ModelConfig, RankPolicy, get_preset
-from sct_edge.errors import SctError
-from sct_edge.memory import GB, MB, count_params, format_bytes, mlp_layer_table, train_bytes
-from sct_edge.plan import (
+from sct_edge.engine.plan import (
     DEFAULT_READ_BYTES_PER_S,
     DEFAULT_WRITE_BYTES_PER_S,
     RUNTIME_OVERHEAD_BYTES,
@@ -29,7 +26,10 @@ from sct_edge.plan import (
     block_saved_elements,
     make_plan,
 )
-from sct_edge.profiles import load_profile, parse_size
+from sct_edge.engine.profile import load_profile, parse_size
+from sct_edge.errors import SctError
+from sct_edge.model.accounting import GB, MB, count_params, format_bytes, mlp_layer_table, train_bytes
+from sct_edge.model.config import ModelConfig, RankPolicy, get_preset
 
 PUBLISHED_RANK = 32  # the rank of the seeds' per-layer table
 CHART_WIDTH = 48
@@ -305,7 +305,7 @@ def build_report(config: ModelConfig, label: str, plan: MemoryPlan, measured: Me
     count = count_params(config)
     workload, batch, seq = plan.workload, plan.batch, plan.seq
     lm = workload == "lm"
-    # Every matrix dense (sct_edge.model.dense_config, built here so memcalc never pays torch's import).
+    # Every matrix dense (sct_edge.model.transformer.dense_config, built here so memcalc never pays torch's import).
     dense = config.with_ranks(RankPolicy(attn=None, mlp=None, embed=None, head=None))
     dense_whole = {
         "block_matrices": train_bytes(count.seed_dense_equivalent),

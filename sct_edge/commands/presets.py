@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from sct_edge.config import PRESETS, RankPolicy
-from sct_edge.memory import GB, count_params, train_bytes
+from sct_edge.model.accounting import GB, count_params, train_bytes
+from sct_edge.model.config import PRESETS, RankPolicy
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

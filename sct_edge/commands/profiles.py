@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from sct_edge.memory import format_bytes
-from sct_edge.profiles import load_profile, shipped_profiles
+from sct_edge.engine.profile import load_profile, shipped_profiles
+from sct_edge.model.accounting import format_bytes
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

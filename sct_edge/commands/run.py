@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_config_from_args(args: argparse.Namespace):
-    from sct_edge.train import RunConfig
+    from sct_edge.train.trainer import RunConfig
 
     for flag in ("batch", "seq", "micro_batches"):
         if getattr(args, flag) < 1:
@@ -63,9 +63,9 @@ def run_config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from sct_edge.events import Control, EventLog
-    from sct_edge.progress import PlainProgress
-    from sct_edge.train import Trainer
+    from sct_edge.train.events import Control, EventLog
+    from sct_edge.train.progress import PlainProgress
+    from sct_edge.train.trainer import Trainer
 
     config = run_config_from_args(args)
     control = Control()
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         if sys.stdout.isatty() and not args.no_tui:
-            from tui.app import run_tui
+            from sct_edge.tui.app import run_tui
 
             return run_tui(make_trainer, control)
         progress = PlainProgress()

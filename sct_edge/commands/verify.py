@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sct_edge.memory import format_bytes
-from sct_edge.store import Store
+from sct_edge.model.accounting import format_bytes
+from sct_edge.store.store import Store
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -28,6 +28,6 @@ def run_dir_of(path: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tui.app import watch_run
+    from sct_edge.tui.app import watch_run
 
     return watch_run(run_dir_of(args.run_dir))

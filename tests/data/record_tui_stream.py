@@ -13,8 +13,8 @@ import tempfile
 import threading
 from pathlib import Path
 
-from sct_edge.events import Control, EventLog
-from sct_edge.train import RunConfig, Trainer
+from sct_edge.train.events import Control, EventLog
+from sct_edge.train.trainer import RunConfig, Trainer
 
 OUT = Path(__file__).with_name("tui_stream.jsonl")
 

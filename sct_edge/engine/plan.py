@@ -1,0 +1,435 @@
+"""The memory plan: how many blocks stay in RAM under a profile's budget, what the peak is, and the I/O a step costs.
+
+The scheduler follows it and `memcalc` prints it; both call `make_plan`. Every figure is in bytes.
+
+What RAM holds during a step (the terms of `MemoryPlan`):
+
+- resident blocks: each one's fp32 weights (4 B a stored parameter) and two AdamW moments (2 × state dtype
+  bytes a parameter). All blocks stay resident when they fit, and then nothing is paged.
+- in-flight blocks, only when paging: `prefetch_depth` read ahead + 1 being computed + 1 being written back,
+  each the size of a resident block (backward reads weights and moments, the optimizer updates both).
+- one block's gradients (4 B a parameter): blocks are backpropagated, stepped and released one at a time.
+- embedding, LM head and final norm ("lm" workload): weights, moments and gradients, always resident.
+- boundary activations: each block's input for every micro-batch, (n_layers + 1) × micro-batches × batch ×
+  seq × dim elements (with `activations = spill`, which writes them to disk, only two per micro-batch stay in
+  RAM: the input of the block being computed and the last block's output), plus the gradient waiting at the
+  current boundary for every micro-batch.
+- one block's backward working set (`block_saved_elements` + `backward_transient_elements`); with
+  `activations = keep` each resident block also keeps its forward graph (its saved tensors) until backward,
+  and only a paged block is recomputed.
+- the logits working set ("lm"): batch × seq × vocab × 3 (logits, log-softmax, their gradient).
+- the runtime: `RUNTIME_OVERHEAD_BYTES` for the Python + torch process itself.
+
+Activation elements take the profile's compute dtype (4 B for float32, 2 B for bfloat16); the formulas were
+checked against autograd's saved tensors and the process's peak RSS in float32 on the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from sct_edge.engine.profile import DTYPE_BYTES, Profile
+from sct_edge.errors import SctError
+from sct_edge.model.accounting import GiB, MiB, block_matrices, count_params, format_bytes
+from sct_edge.model.config import ModelConfig
+
+# The Python + torch process before any model tensor: RSS after `import torch, sct_edge.model.transformer` measured
+# 220 MiB, but a training process also maps torch's kernels as it first uses them, the corpus, tqdm or the
+# Textual UI: a `tiny` run (whose tensors are a few MB) peaked at 289 MiB headless and 303 MiB in the TUI
+# (Linux x86-64, Python 3.11, torch 2.13.0+cpu). Rounded up to cover both.
+RUNTIME_OVERHEAD_BYTES = 320 * MiB
+
+DEFAULT_READ_BYTES_PER_S = 1.2e9
+DEFAULT_WRITE_BYTES_PER_S = 2.1e9
+WORKLOADS = ("lm", "seed")
+FP32 = 4
+
+
+def block_saved_elements(config: ModelConfig, layer: int, batch: int, seq: int) -> int:
+    """Elements autograd saves inside block `layer` for one forward of batch × seq (parameters excluded).
+
+    Counted from the model's forward (CPU, torch 2.13), per token:
+      attention RMSNorm: its input x (the block input), the normalised x before the weight, its output, and
+        rstd (1);                                                                  3·dim + 1
+      causal attention: q and k after RoPE, v, the attention output, and the softmax log-sum-exp per head
+        (RoPE itself saves only the cos/sin tables, 2 × seq × head_dim for the whole batch);
+                                                                  2·dim + 2·kv_dim + n_heads
+      seed attention o(q + k + v): the sum fed to o;                                 dim
+      MLP RMSNorm: the residual h, the normalised h, its output, rstd;             3·dim + 1
+      SwiGLU: gate output, silu(gate), up output, the product fed to down;        4·ffn_dim
+      each spectral matrix: x·U and (x·U)·s;                                        2·rank
+    A dense matrix saves only its input, which is already counted.
+    """
+    d, kv, f = config.dim, config.kv_dim, config.ffn_dim
+    per_token = 3 * d + 1 + 3 * d + 1 + 4 * f
+    per_token += sum(2 * rank for _, _, _, rank in block_matrices(config, layer) if rank is not None)
+    tables = 0
+    if config.attention == "seed":
+        per_token += d
+    else:
+        per_token += 2 * d + 2 * kv + config.n_heads
+        tables = 2 * seq * config.head_dim
+    return batch * seq * per_token + tables
+
+
+def backward_transient_elements(config: ModelConfig, batch: int, seq: int) -> int:
+    """Elements alive during one block's backward on top of what autograd saved: two ffn-wide gradients.
+
+    Measured: the peak RSS of forward + backward of one block exceeds its saved tensors by 2 × batch × seq ×
+    max(ffn_dim, dim) × 4 bytes (dim 1024 / ffn 2816, 4096, 8192 and dim 2048 / ffn 2048, seq 2048, glibc
+    with MALLOC_MMAP_THRESHOLD_=65536 so RSS follows live tensors).
+    """
+    return 2 * batch * seq * max(config.ffn_dim, config.dim)
+
+
+def suggest_budget(minimum: int) -> str:
+    """A round budget string at or above `minimum` bytes: 64 MiB steps below 1 GiB, quarter GiB above."""
+    if minimum < GiB:
+        return f"{math.ceil(minimum / (64 * MiB)) * 64}MiB"
+    return f"{math.ceil(minimum / (GiB / 4)) / 4:g}GiB"
+
+
+@dataclass
+class MemoryPlan:
+    """Residency, peak RAM and per-step I/O of training `model` under `profile` (see the module docstring)."""
+
+    model: str
+    profile: str
+    workload: str
+    batch: int
+    seq: int
+    micro_batches: int
+    budget_bytes: int
+    n_layers: int
+    compute_dtype: str
+    state_dtype: str
+    activations: str  # the policy the step runs: keep, recompute or spill
+    activations_auto: bool  # whether the profile left the choice to the plan (`auto`)
+    block_params: int  # stored parameters of the largest block
+    block_weight_bytes: int
+    block_moment_bytes: int
+    block_grad_bytes: int
+    embed_head_params: int
+    embed_head_bytes: int  # weights + moments + gradients of embedding, LM head and final norm
+    resident_blocks: int
+    prefetch_depth: int  # effective read-ahead; 0 when nothing is paged
+    inflight_blocks: int  # buffers for paged blocks; 0 when nothing is paged
+    boundary_activation_bytes: int
+    boundary_grad_bytes: int
+    kept_activation_bytes: int  # resident blocks' forward graphs kept for backward (activations = keep)
+    block_working_set_bytes: int
+    logits_bytes: int
+    runtime_overhead_bytes: int
+    predicted_peak_bytes: int
+    store_bytes: int
+    io_read_bytes_per_step: int
+    io_write_bytes_per_step: int
+    read_bytes_per_s: float
+    write_bytes_per_s: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def block_resident_bytes(self) -> int:
+        return self.block_weight_bytes + self.block_moment_bytes
+
+    @property
+    def paging(self) -> bool:
+        return self.resident_blocks < self.n_layers
+
+    @property
+    def resident_layers(self) -> range:
+        """The layers kept in RAM for the whole run: the first `resident_blocks`."""
+        return range(self.resident_blocks)
+
+    @property
+    def io_bytes_per_step(self) -> int:
+        return self.io_read_bytes_per_step + self.io_write_bytes_per_step
+
+    @property
+    def io_seconds_per_step(self) -> float:
+        """Disk time of one step's I/O at the stated speeds, with no overlap (prefetching hides part of it)."""
+        return (
+            self.io_read_bytes_per_step / self.read_bytes_per_s + self.io_write_bytes_per_step / self.write_bytes_per_s
+        )
+
+    @property
+    def headroom_bytes(self) -> int:
+        return self.budget_bytes - self.predicted_peak_bytes
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        for name in ("block_resident_bytes", "paging", "io_bytes_per_step", "io_seconds_per_step", "headroom_bytes"):
+            data[name] = getattr(self, name)
+        return data
+
+    def describe(self) -> list[str]:
+        """The plan as lines for people (binary units: MiB, GiB)."""
+        b = format_bytes
+        mb = f" × {self.micro_batches} micro-batches" if self.micro_batches > 1 else ""
+        lines = [
+            f"plan: {self.model} under profile {self.profile} (budget {b(self.budget_bytes)}), workload "
+            f"{self.workload}, batch {self.batch} × seq {self.seq}{mb}, compute {self.compute_dtype}, "
+            f"activations {self.activations}" + (" (auto)" if self.activations_auto else ""),
+            f"  one block: {self.block_params:,} params → weights {b(self.block_weight_bytes)} + AdamW moments "
+            f"{b(self.block_moment_bytes)} ({self.state_dtype}) = {b(self.block_resident_bytes)}; "
+            f"its gradients {b(self.block_grad_bytes)} (one block at a time)",
+        ]
+        if self.paging:
+            lines.append(
+                f"  resident blocks: {self.resident_blocks} of {self.n_layers} "
+                f"({b(self.resident_blocks * self.block_resident_bytes)}); the other "
+                f"{self.n_layers - self.resident_blocks} are paged"
+            )
+            lines.append(
+                f"  in-flight blocks: {self.inflight_blocks} (prefetch {self.prefetch_depth} + computing + writing "
+                f"back) = {b(self.inflight_blocks * self.block_resident_bytes)}"
+            )
+        else:
+            lines.append(
+                f"  resident blocks: all {self.n_layers} ({b(self.n_layers * self.block_resident_bytes)}): "
+                f"no paging, no I/O"
+            )
+        if self.workload == "lm":
+            lines.append(
+                f"  embedding + LM head + final norm: {self.embed_head_params:,} params = {b(self.embed_head_bytes)} "
+                f"(weights, moments, gradients)"
+            )
+        lines.append(
+            f"  boundary activations: {b(self.boundary_activation_bytes)}"
+            + (" (spilled to disk)" if self.activations == "spill" else "")
+            + f"; boundary gradients {b(self.boundary_grad_bytes)}"
+        )
+        if self.kept_activation_bytes:
+            lines.append(f"  kept forward graphs of resident blocks (keep): {b(self.kept_activation_bytes)}")
+        lines.append(f"  one block's backward working set: {b(self.block_working_set_bytes)}")
+        if self.workload == "lm":
+            lines.append(f"  logits working set: {b(self.logits_bytes)}")
+        lines.append(f"  runtime (Python + torch): {b(self.runtime_overhead_bytes)}")
+        lines.append(
+            f"  predicted peak RSS: {b(self.predicted_peak_bytes)} of {b(self.budget_bytes)} "
+            f"(headroom {b(self.headroom_bytes)})"
+        )
+        lines.append(f"  store on disk (weights + moments): {b(self.store_bytes)}")
+        lines.append(
+            f"  I/O per step: read {b(self.io_read_bytes_per_step)}, written {b(self.io_write_bytes_per_step)}; "
+            f"{self.io_seconds_per_step:.2f} s at {self.read_bytes_per_s / 1e9:g} GB/s read, "
+            f"{self.write_bytes_per_s / 1e9:g} GB/s write (no overlap)"
+        )
+        lines.extend(f"  note: {note}" for note in self.notes)
+        return lines
+
+
+@dataclass
+class _StepCosts:
+    """The residency-independent terms of a plan, shared by `make_plan` and `minimum_budget`."""
+
+    block_stored: list[int]  # stored parameters of each block
+    block_params: int  # of the largest block
+    resident_per_param: int  # fp32 weight + two moments in the state dtype
+    block_bytes: int  # weights + moments of the largest block
+    grad_bytes: int
+    embed_head_params: int
+    embed_head_bytes: int
+    boundary_tensor: int  # one block input of one micro-batch
+    boundary: int
+    boundary_grad: int
+    saved: int  # one block's autograd-saved tensors
+    transient: int
+    cast: int
+    logits: int
+    kept_per_block: int  # a resident block's kept forward graph (activations = keep)
+
+    @property
+    def base(self) -> int:
+        """Always in RAM: runtime, embedding/head, one block's gradients, boundary activations, logits."""
+        return (
+            RUNTIME_OVERHEAD_BYTES
+            + self.embed_head_bytes
+            + self.grad_bytes
+            + self.boundary
+            + self.boundary_grad
+            + self.logits
+        )
+
+    @property
+    def paging_working_set(self) -> int:
+        """Backward of a paged block: it is always recomputed from its input."""
+        return self.saved + self.transient + self.cast
+
+
+def _check_inputs(config: ModelConfig, batch: int, seq: int, micro_batches: int, workload: str) -> None:
+    config.validate()
+    for name, value in (("batch", batch), ("seq", seq), ("micro_batches", micro_batches)):
+        if not isinstance(value, int) or value < 1:
+            raise SctError(f"{name} must be a positive integer, not {value!r}")
+    if workload not in WORKLOADS:
+        raise SctError(f"workload must be one of {', '.join(WORKLOADS)}, not '{workload}'")
+    if seq > config.max_seq_len:
+        raise SctError(f"seq {seq} is longer than {config.name}'s max_seq_len {config.max_seq_len}")
+
+
+def _step_costs(
+    config: ModelConfig, profile: Profile, batch: int, seq: int, micro_batches: int, workload: str, activations: str
+) -> _StepCosts:
+    _check_inputs(config, batch, seq, micro_batches, workload)
+    state_bytes = DTYPE_BYTES[profile.state_dtype]
+    act_bytes = DTYPE_BYTES[profile.compute_dtype]
+    count = count_params(config)
+    block_params = max(count.block_stored)
+    embed_head_params = count.embed.stored + count.head.stored + count.final_norm.stored if workload == "lm" else 0
+    boundary_tensor = batch * seq * config.dim * act_bytes
+    saved = max(block_saved_elements(config, i, batch, seq) for i in range(config.n_layers)) * act_bytes
+    return _StepCosts(
+        block_stored=count.block_stored,
+        block_params=block_params,
+        resident_per_param=FP32 + 2 * state_bytes,
+        block_bytes=block_params * (FP32 + 2 * state_bytes),
+        grad_bytes=block_params * FP32,
+        embed_head_params=embed_head_params,
+        embed_head_bytes=embed_head_params * (FP32 + 2 * state_bytes + FP32),
+        boundary_tensor=boundary_tensor,
+        boundary=(2 if activations == "spill" else config.n_layers + 1) * micro_batches * boundary_tensor,
+        boundary_grad=micro_batches * boundary_tensor,
+        saved=saved,
+        transient=backward_transient_elements(config, batch, seq) * act_bytes,
+        # bfloat16 compute works on a bf16 copy of the computing block's fp32 weights.
+        cast=block_params * 2 if profile.compute_dtype == "bfloat16" else 0,
+        logits=3 * batch * seq * config.vocab_size * act_bytes if workload == "lm" else 0,
+        # With keep, a resident block holds its forward graph until backward (its input is a boundary
+        # activation already); a paged block always recomputes, since its weights leave RAM between the passes.
+        kept_per_block=micro_batches * (saved - boundary_tensor) if activations == "keep" else 0,
+    )
+
+
+def minimum_budget(
+    config: ModelConfig, profile: Profile, batch: int, seq: int, micro_batches: int = 1, workload: str = "lm"
+) -> int:
+    """The smallest budget `make_plan` accepts: the fixed costs plus one in-flight block, nothing resident."""
+    activations = "recompute" if profile.activations == "auto" else profile.activations
+    costs = _step_costs(config, profile, batch, seq, micro_batches, workload, activations)
+    return min(
+        costs.base + costs.paging_working_set + costs.block_bytes,
+        _all_resident_bytes(costs, config.n_layers, activations == "keep"),
+    )
+
+
+def resolve_activations(
+    config: ModelConfig, profile: Profile, batch: int, seq: int, micro_batches: int, workload: str
+) -> str:
+    """The profile's activation policy, with `auto` decided: keep when the whole model and every block's
+    kept forward graph fit the budget (nothing is paged, and backward needs no recompute), else recompute."""
+    if profile.activations != "auto":
+        return profile.activations
+    costs = _step_costs(config, profile, batch, seq, micro_batches, workload, "keep")
+    return "keep" if _all_resident_bytes(costs, config.n_layers, keep=True) <= profile.memory_budget else "recompute"
+
+
+def _all_resident_bytes(costs: _StepCosts, n_layers: int, keep: bool) -> int:
+    working = costs.transient + costs.cast + (0 if keep else costs.saved)
+    return costs.base + working + n_layers * (costs.block_bytes + costs.kept_per_block)
+
+
+def make_plan(
+    config: ModelConfig,
+    profile: Profile,
+    batch: int,
+    seq: int,
+    micro_batches: int = 1,
+    workload: str = "lm",
+    read_bytes_per_s: float = DEFAULT_READ_BYTES_PER_S,
+    write_bytes_per_s: float = DEFAULT_WRITE_BYTES_PER_S,
+) -> MemoryPlan:
+    """Plan residency and predict peak RAM and I/O for one optimizer step of `micro_batches` × batch × seq.
+
+    Residency: every block when all fit beside the fixed costs; otherwise
+    resident = floor((budget − fixed costs − in-flight window) / resident bytes of a block), with the window
+    shrunk below prefetch_depth + 2 blocks only when the budget cannot hold it (a resident block's bytes
+    include its kept forward graph with `activations = keep`). A budget that cannot hold even one in-flight
+    block is a `SctError` naming the smallest budget that works (`minimum_budget`).
+    """
+    if read_bytes_per_s <= 0 or write_bytes_per_s <= 0:
+        raise SctError("disk read and write speeds must be more than 0 bytes/s")
+    activations = resolve_activations(config, profile, batch, seq, micro_batches, workload)
+    c = _step_costs(config, profile, batch, seq, micro_batches, workload, activations)
+    n = config.n_layers
+    keep = activations == "keep"
+    per_resident = c.block_bytes + c.kept_per_block
+    budget = profile.memory_budget
+    notes: list[str] = []
+    if _all_resident_bytes(c, n, keep) <= budget:
+        resident, inflight, prefetch = n, 0, 0
+        working = c.transient + c.cast + (0 if keep else c.saved)
+    else:
+        working = c.paging_working_set
+        room = budget - c.base - working
+        if room < c.block_bytes:
+            minimum = c.base + working + c.block_bytes
+            mb = f" × {micro_batches} micro-batches" if micro_batches > 1 else ""
+            raise SctError(
+                f"budget {format_bytes(budget)} is below the {format_bytes(minimum)} {config.name} needs for one "
+                f"block at batch {batch} × seq {seq}{mb} (profile {profile.name}); "
+                f"try --budget {suggest_budget(minimum)}"
+            )
+        window = min(profile.prefetch_depth + 2, n, room // c.block_bytes)
+        resident = min(n - 1, (room - window * c.block_bytes) // per_resident)
+        inflight = min(window, n - resident)
+        prefetch = max(0, inflight - 2)
+        if room // c.block_bytes < min(profile.prefetch_depth + 2, n):
+            notes.append(
+                f"the budget leaves room for {window} in-flight block(s): prefetch depth {prefetch}, "
+                f"not the profile's {profile.prefetch_depth}"
+            )
+    peak = c.base + working + resident * per_resident + inflight * c.block_bytes
+
+    paged = c.block_stored[resident:]
+    store_bytes = (sum(c.block_stored) + c.embed_head_params) * c.resident_per_param
+    # Forward reads a paged block's weights; backward reads weights and moments and writes both back.
+    io_read = sum(p * (FP32 + c.resident_per_param) for p in paged)
+    io_write = sum(p * c.resident_per_param for p in paged)
+    if activations == "spill":
+        # Each block's input goes to disk in forward and comes back for its backward.
+        io_read += n * micro_batches * c.boundary_tensor
+        io_write += n * micro_batches * c.boundary_tensor
+    if profile.device == "cuda":
+        notes.append("the plan counts host RAM; a CUDA device's own memory is not planned")
+    if profile.compute_dtype == "bfloat16":
+        notes.append("bfloat16 activation sizes scale the float32 formula, which is the one checked against torch")
+
+    return MemoryPlan(
+        model=config.name,
+        profile=profile.name,
+        workload=workload,
+        batch=batch,
+        seq=seq,
+        micro_batches=micro_batches,
+        budget_bytes=budget,
+        n_layers=n,
+        compute_dtype=profile.compute_dtype,
+        state_dtype=profile.state_dtype,
+        activations=activations,
+        activations_auto=profile.activations == "auto",
+        block_params=c.block_params,
+        block_weight_bytes=c.block_params * FP32,
+        block_moment_bytes=c.block_bytes - c.block_params * FP32,
+        block_grad_bytes=c.grad_bytes,
+        embed_head_params=c.embed_head_params,
+        embed_head_bytes=c.embed_head_bytes,
+        resident_blocks=resident,
+        prefetch_depth=prefetch,
+        inflight_blocks=inflight,
+        boundary_activation_bytes=c.boundary,
+        boundary_grad_bytes=c.boundary_grad,
+        kept_activation_bytes=resident * c.kept_per_block,
+        block_working_set_bytes=working,
+        logits_bytes=c.logits,
+        runtime_overhead_bytes=RUNTIME_OVERHEAD_BYTES,
+        predicted_peak_bytes=peak,
+        store_bytes=store_bytes,
+        io_read_bytes_per_step=io_read,
+        io_write_bytes_per_step=io_write,
+        read_bytes_per_s=read_bytes_per_s,
+        write_bytes_per_s=write_bytes_per_s,
+        notes=notes,
+    )

@@ -1,0 +1,159 @@
+"""Parameter and byte accounting, one source of truth for memcalc, the scheduler's plan and the tests.
+
+Counts are exact integers per component. "Dense" means every weight matrix stored as in × out; "stored"
+means as the rank policy configures it (k·(in + out + 1) for a spectral matrix). Training bytes follow
+the seeds' accounting: fp32 weights, gradients and two Adam moments, 16 bytes a parameter.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sct_edge.model.config import ModelConfig
+
+TRAIN_BYTES_PER_PARAM = 16  # fp32 weight + fp32 gradient + two fp32 Adam moments
+GB = 10**9
+MB = 10**6
+GiB = 2**30
+MiB = 2**20
+
+
+def matrix_params(n_in: int, n_out: int, rank: int | None) -> int:
+    """Stored parameters of one matrix: U, s and V when spectral, the full matrix when dense."""
+    return n_in * n_out if rank is None else rank * (n_in + n_out + 1)
+
+
+@dataclass
+class ComponentCount:
+    dense: int = 0  # as if every matrix were dense
+    stored: int = 0  # as configured
+
+    def add(self, dense: int, stored: int) -> None:
+        self.dense += dense
+        self.stored += stored
+
+
+@dataclass
+class ModelCount:
+    """Per-component parameter counts of a whole model."""
+
+    attn: ComponentCount = field(default_factory=ComponentCount)
+    mlp: ComponentCount = field(default_factory=ComponentCount)
+    block_norms: ComponentCount = field(default_factory=ComponentCount)
+    embed: ComponentCount = field(default_factory=ComponentCount)
+    head: ComponentCount = field(default_factory=ComponentCount)
+    final_norm: ComponentCount = field(default_factory=ComponentCount)
+    block_stored: list[int] = field(default_factory=list)  # stored parameters of each block
+
+    @property
+    def dense_total(self) -> int:
+        """Dense parameters of the whole model (what `llama3-70b` means by 70.55B)."""
+        return sum(c.dense for c in self.components().values())
+
+    @property
+    def stored_total(self) -> int:
+        return sum(c.stored for c in self.components().values())
+
+    @property
+    def seed_dense_equivalent(self) -> int:
+        """The seeds' dense-equivalent count: block weight matrices only (no norms, embeddings or head)."""
+        return self.attn.dense + self.mlp.dense
+
+    @property
+    def seed_spectral(self) -> int:
+        """The seeds' spectral count: block factors plus the two RMSNorm vectors of each block."""
+        return self.attn.stored + self.mlp.stored + self.block_norms.stored
+
+    def components(self) -> dict[str, ComponentCount]:
+        return {
+            "attn": self.attn, "mlp": self.mlp, "block_norms": self.block_norms,
+            "embed": self.embed, "head": self.head, "final_norm": self.final_norm,
+        }
+
+
+def block_matrices(config: ModelConfig, layer: int) -> list[tuple[str, int, int, int | None]]:
+    """(path, in, out, rank) of every weight matrix of block `layer`."""
+    return [
+        (f"layers.{layer}.{p}", n_in, n_out, config.ranks.rank_of(f"layers.{layer}.{p}"))
+        for p, (n_in, n_out) in config.matrix_shapes().items()
+    ]
+
+
+def block_params(config: ModelConfig, layer: int) -> int:
+    """Stored parameters of one block: its matrices as configured plus its two RMSNorm vectors."""
+    return sum(matrix_params(i, o, r) for _, i, o, r in block_matrices(config, layer)) + 2 * config.dim
+
+
+def count_params(config: ModelConfig) -> ModelCount:
+    count = ModelCount()
+    for layer in range(config.n_layers):
+        for path, n_in, n_out, rank in block_matrices(config, layer):
+            component = count.attn if ".attn." in path else count.mlp
+            component.add(n_in * n_out, matrix_params(n_in, n_out, rank))
+        count.block_norms.add(2 * config.dim, 2 * config.dim)
+        count.block_stored.append(block_params(config, layer))
+    v, d = config.vocab_size, config.dim
+    count.embed.add(v * d, matrix_params(v, d, config.ranks.rank_of("embed")))
+    if not config.tie_embeddings:
+        count.head.add(v * d, matrix_params(d, v, config.ranks.rank_of("head")))
+    count.final_norm.add(d, d)
+    return count
+
+
+def train_bytes(params: int) -> int:
+    """Training memory of `params` parameters in the seeds' accounting (16 bytes each)."""
+    return params * TRAIN_BYTES_PER_PARAM
+
+
+@dataclass
+class LayerRow:
+    model: str
+    n_in: int
+    n_out: int
+    rank: int
+    dense_train_bytes: int
+    sct_train_bytes: int
+
+    @property
+    def compression(self) -> float:
+        return self.dense_train_bytes / self.sct_train_bytes
+
+
+# The per-MLP-layer shapes the seeds publish (in × out).
+PUBLISHED_MLP_LAYERS = [
+    ("SmolLM2-135M", 576, 1536),
+    ("SmolLM2-1.7B", 2048, 8192),
+    ("LLaMA-7B", 4096, 11008),
+    ("Qwen-27B", 4096, 17408),
+    ("LLaMA-70B", 8192, 28672),
+]
+
+
+def mlp_layer_table(rank: int = 32) -> list[LayerRow]:
+    """Training memory of one MLP matrix, dense vs spectral, for the published shapes."""
+    return [
+        LayerRow(name, n_in, n_out, rank, train_bytes(n_in * n_out), train_bytes(matrix_params(n_in, n_out, rank)))
+        for name, n_in, n_out in PUBLISHED_MLP_LAYERS
+    ]
+
+
+def seed_numbers(path: Path | None = None) -> dict:
+    """The published figures (`shared/reference/seed_numbers.json`), for tests and memcalc's comparisons."""
+    path = path or Path(__file__).resolve().parent / "published_numbers.json"
+    return json.loads(path.read_text())
+
+
+def format_bytes(n: float) -> str:
+    """`n` bytes for people, in binary units: "512 B", "212 MiB", "10.0 GiB" (three significant digits)."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+    value, unit = float(n), units[0]
+    for unit in units:
+        if abs(value) < 1024 or unit == units[-1]:
+            break
+        value /= 1024
+    if unit == "B":
+        return f"{int(n)} B"
+    decimals = 2 if abs(value) < 10 else 1 if abs(value) < 100 else 0
+    return f"{value:.{decimals}f} {unit}"

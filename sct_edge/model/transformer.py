@@ -1,0 +1,237 @@
+"""The LLaMA-family decoder in spectral or dense form.
+
+Token embedding → blocks of (RMSNorm → causal self-attention with RoPE and grouped KV heads → RMSNorm →
+SwiGLU MLP) → final RMSNorm → LM head, tied or untied. Which matrices are spectral, and at which rank,
+comes from `config.ranks`; `spectral=False` builds the same architecture with dense `nn.Linear`s for
+quality comparisons and export checks.
+
+Blocks are self-contained modules whose forward takes the RoPE tables as arguments, so the scheduler
+can run block i with parameters supplied from the store (`torch.func.functional_call` on a block built
+on the meta device) without ever holding the whole model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sct_edge.model.config import ModelConfig
+from sct_edge.model.spectral import SpectralLinear, init_scale, random_orthonormal, spectral_apply
+
+
+def block_seed(seed: int, name: str) -> int:
+    """A stable per-part seed, so a block initialised alone equals the same block of a whole model."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest(), "little") >> 1
+
+
+def make_generator(seed: int, name: str) -> torch.Generator:
+    return torch.Generator().manual_seed(block_seed(seed, name))
+
+
+def make_linear(
+    n_in: int, n_out: int, rank: int | None, std: float, generator: torch.Generator | None, device=None
+) -> nn.Module:
+    """A bias-free linear map: spectral at `rank`, or dense `nn.Linear` when rank is None."""
+    if rank is not None:
+        return SpectralLinear(n_in, n_out, rank, std=std, generator=generator, device=device)
+    layer = nn.Linear(n_in, n_out, bias=False, device="meta" if _is_meta(device) else None)
+    if not _is_meta(device):
+        with torch.no_grad():
+            layer.weight.copy_(torch.randn(n_out, n_in, generator=generator) * std)
+    return layer
+
+
+def _is_meta(device) -> bool:
+    return device is not None and torch.device(device).type == "meta"
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, device=None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device="meta" if _is_meta(device) else None))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_tables(config: ModelConfig, positions: Tensor) -> tuple[Tensor, Tensor]:
+    """cos and sin (len(positions) × head_dim) in the Hugging Face rotate-half layout: pair (i, i + d/2)."""
+    half = config.head_dim // 2
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(half, dtype=torch.float64) / half))
+    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+@dataclass
+class KVCache:
+    """Keys and values of the positions seen so far, for one block during generation."""
+
+    k: Tensor | None = None
+    v: Tensor | None = None
+
+    def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, generator, device=None) -> None:
+        super().__init__()
+        self.config = config
+        d, kv = config.dim, config.kv_dim
+        out_std = 1.0 / math.sqrt(d) / math.sqrt(2 * config.n_layers)
+        rank = config.ranks.rank_of
+        self.q = make_linear(d, d, rank(f"layers.{layer}.attn.q"), 1 / math.sqrt(d), generator, device)
+        self.k = make_linear(d, kv, rank(f"layers.{layer}.attn.k"), 1 / math.sqrt(d), generator, device)
+        self.v = make_linear(d, kv, rank(f"layers.{layer}.attn.v"), 1 / math.sqrt(d), generator, device)
+        self.o = make_linear(d, d, rank(f"layers.{layer}.attn.o"), out_std, generator, device)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None) -> Tensor:
+        if self.config.attention == "seed":
+            return self.o(self.q(x) + self.k(x) + self.v(x))
+        b, t, _ = x.shape
+        c = self.config
+        q = self.q(x).view(b, t, c.n_heads, c.head_dim).transpose(1, 2)
+        k = self.k(x).view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        v = self.v(x).view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.extend(k, v)
+        mask = None
+        causal = k.shape[2] == t
+        if not causal and t > 1:
+            # New queries sit at the end of the cached sequence: query i sees keys up to past + i.
+            past = k.shape[2] - t
+            mask = torch.ones(t, k.shape[2], dtype=torch.bool).tril(past)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal and t > 1, enable_gqa=c.n_kv_heads != c.n_heads
+        )
+        return self.o(y.transpose(1, 2).reshape(b, t, c.dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, generator, device=None) -> None:
+        super().__init__()
+        d, f = config.dim, config.ffn_dim
+        rank = config.ranks.rank_of
+        down_std = 1.0 / math.sqrt(f) / math.sqrt(2 * config.n_layers)
+        self.gate = make_linear(d, f, rank(f"layers.{layer}.mlp.gate"), 1 / math.sqrt(d), generator, device)
+        self.up = make_linear(d, f, rank(f"layers.{layer}.mlp.up"), 1 / math.sqrt(d), generator, device)
+        self.down = make_linear(f, d, rank(f"layers.{layer}.mlp.down"), down_std, generator, device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    """One decoder block; its forward needs only its own parameters, the input and the RoPE tables."""
+
+    def __init__(self, config: ModelConfig, layer: int, seed: int = 0, device=None) -> None:
+        super().__init__()
+        generator = None if _is_meta(device) else make_generator(seed, f"layers.{layer}")
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps, device)
+        self.attn = Attention(config, layer, generator, device)
+        self.mlp_norm = RMSNorm(config.dim, config.norm_eps, device)
+        self.mlp = MLP(config, layer, generator, device)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None) -> Tensor:
+        h = x + self.attn(self.attn_norm(x), cos, sin, cache)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class Embedding(nn.Module):
+    """Token embedding; spectral form looks up a row of U, scales by s and projects with V (vocab stays cheap)."""
+
+    def __init__(self, vocab: int, dim: int, rank: int | None, std: float, generator, device=None) -> None:
+        super().__init__()
+        self.rank = rank
+        meta = _is_meta(device)
+        if rank is None:
+            self.weight = nn.Parameter(torch.empty(vocab, dim, device="meta") if meta else
+                                       torch.randn(vocab, dim, generator=generator) * std)
+            return
+        if meta:
+            self.U = nn.Parameter(torch.empty(vocab, rank, device="meta"))
+            self.s = nn.Parameter(torch.empty(rank, device="meta"))
+            self.V = nn.Parameter(torch.empty(dim, rank, device="meta"))
+            return
+        # The lookup is x·E with a one-hot x (n_in = vocab), so the dense-equivalent scale follows init_scale.
+        self.U = nn.Parameter(random_orthonormal(vocab, rank, generator))
+        self.s = nn.Parameter(torch.full((rank,), init_scale(vocab, dim, rank, std)))
+        self.V = nn.Parameter(random_orthonormal(dim, rank, generator))
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        if self.rank is None:
+            return F.embedding(tokens, self.weight)
+        return (F.embedding(tokens, self.U) * self.s) @ self.V.T
+
+    def as_head(self, h: Tensor) -> Tensor:
+        return tied_head_logits(dict(self.named_parameters()), h)
+
+
+def tied_head_logits(embedding: dict[str, Tensor], h: Tensor) -> Tensor:
+    """Tied LM head from the embedding's tensors ("weight", or "U", "s", "V"): logits = h Eᵀ = ((h V) * s) Uᵀ."""
+    if "weight" in embedding:
+        return h @ embedding["weight"].T
+    return spectral_apply(h, embedding["V"], embedding["s"], embedding["U"])
+
+
+def build_head(config: ModelConfig, seed: int = 0, device=None) -> nn.Module | None:
+    """The untied LM head (dim -> vocab), or None when it is tied to the embedding."""
+    if config.tie_embeddings:
+        return None
+    generator = None if _is_meta(device) else make_generator(seed, "head")
+    rank = config.ranks.rank_of("head")
+    return make_linear(config.dim, config.vocab_size, rank, 1 / math.sqrt(config.dim), generator, device)
+
+
+def build_embedding(config: ModelConfig, seed: int = 0, device=None) -> Embedding:
+    generator = None if _is_meta(device) else make_generator(seed, "embed")
+    std = 1.0 / math.sqrt(config.dim) if config.tie_embeddings else 1.0
+    return Embedding(config.vocab_size, config.dim, config.ranks.rank_of("embed"), std, generator, device)
+
+
+def dense_config(config: ModelConfig) -> ModelConfig:
+    """The same architecture with every matrix dense."""
+    from sct_edge.model.config import RankPolicy
+
+    return config.with_ranks(RankPolicy(attn=None, mlp=None, embed=None, head=None))
+
+
+class Transformer(nn.Module):
+    """The whole model in memory: for small presets, references in tests, generation and export checks."""
+
+    def __init__(self, config: ModelConfig, spectral: bool = True, seed: int = 0, device=None) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config if spectral else dense_config(config)
+        self.embed = build_embedding(self.config, seed, device)
+        self.layers = nn.ModuleList(Block(self.config, i, seed, device) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps, device)
+        self.head = build_head(self.config, seed, device)
+
+    def forward(self, tokens: Tensor, start_pos: int = 0, caches: list[KVCache] | None = None) -> Tensor:
+        positions = torch.arange(start_pos, start_pos + tokens.shape[1])
+        cos, sin = rope_tables(self.config, positions)
+        h = self.embed(tokens)
+        for i, block in enumerate(self.layers):
+            h = block(h, cos, sin, None if caches is None else caches[i])
+        return self.logits(h)
+
+    def logits(self, h: Tensor) -> Tensor:
+        h = self.norm(h)
+        return self.embed.as_head(h) if self.head is None else self.head(h)

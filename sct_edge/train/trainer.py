@@ -1,0 +1,322 @@
+"""The trainer behind `sct-edge run`: data, schedule, evaluation, commits, resume, events, edge policy.
+
+A store *is* a run's state: besides factors and AdamW moments its manifest holds the run settings, the
+data cursor and the committed step, so `--resume` (or simply running on the store again) continues the
+run exactly: a run killed at any instant and resumed ends bit-identical to one never interrupted.
+
+The trainer is UI-agnostic: it emits the events of `sct_edge.train.events` and polls a `Control`; the TUI, the
+plain tqdm output and `sct-edge watch` are views of the same stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sct_edge.convert.tokenizer import ByteTokenizer, tokenizer_from_json
+from sct_edge.engine.adamw import OptimConfig
+from sct_edge.engine.plan import make_plan
+from sct_edge.engine.profile import load_profile, resolve_device
+from sct_edge.engine.sampling import generate
+from sct_edge.engine.step import StreamingStep
+from sct_edge.errors import SctError
+from sct_edge.model.config import ModelConfig, RankPolicy, get_preset
+from sct_edge.model.transformer import dense_config
+from sct_edge.store.store import MANIFEST, Store
+from sct_edge.train.data import BatchSampler, Corpus, eval_batches, prepare_corpus
+from sct_edge.train.edge_policy import EdgePolicy
+from sct_edge.train.events import Control, EventLog, memory_snapshot
+
+# Settings that shape the trajectory: recorded in the store at the first commit, reused on resume.
+DEFAULT_STEPS = 600
+DEFAULT_PRESET = "tiny"
+TRAJECTORY_FIELDS = (
+    "data", "batch", "seq", "micro_batches", "lr_spectral", "lr_dense", "warmup", "min_lr_ratio",
+    "weight_decay", "clip", "seed", "steps",
+)
+
+
+def default_data_dir() -> Path:
+    """Where the embedded default store lives: the user's data directory."""
+    base = os.environ.get("XDG_DATA_HOME")
+    if base:
+        return Path(base) / "sct-edge"
+    if os.uname().sysname == "Darwin":
+        return Path.home() / "Library" / "Application Support" / "sct-edge"
+    return Path.home() / ".local" / "share" / "sct-edge"
+
+
+@dataclass
+class RunConfig:
+    profile: str = "steamdeck"
+    budget: str | None = None
+    store: Path | None = None
+    preset: str | None = None  # None: "tiny" for a new store; for an existing store, whatever it holds
+    rank: int | None = None
+    dense: bool = False
+    data: list[str] = field(default_factory=list)
+    steps: int | None = None  # the run's total; None: the store's recorded total, or DEFAULT_STEPS
+    time_limit_s: float | None = None
+    batch: int = 16
+    seq: int = 128
+    micro_batches: int = 1
+    lr_spectral: float = 1e-2
+    lr_dense: float = 3e-3
+    warmup: int = 30
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    clip: float | None = 1.0
+    eval_every: int = 100
+    eval_windows: int = 32
+    commit_every: int | None = None  # None: the profile's
+    seed: int = 0
+    run_dir: Path | None = None
+    resume: bool = False
+
+    def store_path(self) -> Path:
+        if self.store is not None:
+            return self.store
+        preset = self.preset or DEFAULT_PRESET
+        return default_data_dir() / "stores" / (f"{preset}-dense" if self.dense else preset)
+
+
+def lr_scale(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to `min_ratio` at `total`; `step` counts from 1."""
+    if step <= warmup:
+        return step / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Trainer:
+    def __init__(self, run: RunConfig, events: EventLog, control: Control | None = None) -> None:
+        self.run_config = run
+        self.events = events
+        self.control = control or Control()
+        self.profile = load_profile(run.profile, run.budget)
+        self.device = resolve_device(self.profile)
+
+    # ------------------------------------------------------------------ set-up
+
+    def _existing_store(self, path: Path) -> Store | None:
+        run = self.run_config
+        if not (path / MANIFEST).exists():
+            if run.resume:
+                raise SctError(f"--resume: there is no store at {path} to resume")
+            return None
+        store = Store.open(path)
+        if run.preset is not None and store.config.name != run.preset:
+            raise SctError(f"store {path} holds a {store.config.name} model, not {run.preset}")
+        return store
+
+    def _new_config(self) -> ModelConfig:
+        run = self.run_config
+        config = get_preset(run.preset or DEFAULT_PRESET)
+        if run.rank is not None:
+            config = config.with_ranks(RankPolicy.uniform(run.rank, dense_embeddings=config.ranks.embed is None))
+        if run.dense:
+            config = dense_config(config)
+        config.validate()
+        return config
+
+    def _settings(self, store: Store | None) -> dict:
+        """The trajectory settings: the store's when it has a run, else this invocation's."""
+        run = self.run_config
+        saved = None if store is None else store.state.get("run")
+        if saved is None or store.step == 0:
+            # Nothing committed yet (a run killed before its first commit): start from the beginning.
+            settings = {k: getattr(run, k) for k in TRAJECTORY_FIELDS}
+            settings["steps"] = run.steps or DEFAULT_STEPS
+            return settings
+        # Running on a trained store continues its run: what shapes the trajectory comes from the store;
+        # only the total may change (`--steps`). Other data would silently be a different run: refuse it.
+        if run.data and run.data != saved["data"]:
+            raise SctError(f"store {store.path} continues a run on {', '.join(saved['data']) or 'the default corpus'}"
+                           f"; --data names other text (train a new store for a new run)")
+        return {**saved, "steps": run.steps or saved["steps"]}
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self) -> int:
+        events = self.events
+        try:
+            return self._run()
+        except SctError as error:
+            events.emit({"event": "error", "message": str(error)})
+            events.emit({"event": "end", "step": None, "reason": "error"})
+            raise
+
+    def _run(self) -> int:
+        run, profile, events = self.run_config, self.profile, self.events
+        torch.set_num_threads(profile.usable_threads())
+        # Everything that can refuse the run (store, settings, budget, data) is checked before anything is
+        # written, so bad input leaves no new store behind.
+        path = run.store_path()
+        store = self._existing_store(path)
+        config = store.config if store is not None else self._new_config()
+        tokenizer = tokenizer_from_json(store.tokenizer_json()) if store is not None else ByteTokenizer()
+        settings = self._settings(store)
+        total = settings["steps"]
+        seq = min(settings["seq"], config.max_seq_len)
+        plan = make_plan(config, profile, settings["batch"], seq, settings["micro_batches"], "lm")
+        corpus = prepare_corpus([Path(p) for p in settings["data"]] or None, tokenizer,
+                                path.with_name(path.name + ".tokens"))
+        sampler = BatchSampler(corpus.train, settings["batch"], seq, settings["seed"])
+        if store is None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            store = Store.create(path, config, seed=run.seed, state_dtype=getattr(torch, profile.state_dtype),
+                                 tokenizer_json=tokenizer.to_json())
+        with store.lock():
+            if store.step > 0 and "sampler" in store.state:
+                sampler.load_state_dict(store.state["sampler"])
+            optim = OptimConfig(lr_spectral=settings["lr_spectral"], lr_dense=settings["lr_dense"],
+                                weight_decay=settings["weight_decay"], max_grad_norm=settings["clip"])
+            engine = StreamingStep(store, plan.resident_blocks, plan.prefetch_depth, optim, self.device,
+                                   on_event=events.emit, activations=plan.activations)
+            commit_every = run.commit_every or profile.commit_every
+            policy = EdgePolicy(profile.battery, profile.thermal)
+            events.emit({
+                "event": "start", "config": store.config.to_dict(), "store": str(store.path),
+                "profile": profile.name, "budget_bytes": profile.memory_budget, "batch": settings["batch"],
+                "seq": seq, "micro_batches": settings["micro_batches"], "workload": "lm", "total_steps": total,
+                "start_step": store.step, "n_blocks": store.config.n_layers,
+                "resident_blocks": plan.resident_blocks, "prefetch_depth": plan.prefetch_depth,
+                "activations": plan.activations,
+                "predicted_peak_bytes": plan.predicted_peak_bytes, "corpus": corpus.describe(),
+            })
+            monitor = MemoryMonitor(events)
+            monitor.start()
+            try:
+                reason = self._loop(store, engine, sampler, corpus, settings, total, seq, commit_every, policy, plan)
+            finally:
+                monitor.stop()
+                engine.close()
+            events.emit({"event": "end", "step": store.step, "reason": reason})
+        return 0
+
+    def _commit(self, store: Store, engine: StreamingStep, step: int, settings: dict, sampler: BatchSampler) -> None:
+        started = time.perf_counter()
+        self.events.emit({"event": "phase", "phase": "commit", "step": step})
+        engine.residency.flush()
+        store.commit(step, {"run": settings, "sampler": sampler.state_dict()})
+        self.events.emit({"event": "commit", "step": step, "seconds": time.perf_counter() - started})
+
+    def _evaluate(self, engine: StreamingStep, corpus: Corpus, seq: int, step: int, settings: dict) -> None:
+        self.events.emit({"event": "phase", "phase": "eval", "step": step})
+        windows = eval_batches(corpus.val, seq, settings["batch"], max_windows=self.run_config.eval_windows)
+        loss = engine.evaluate(list(windows))
+        self.events.emit({"event": "eval", "step": step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50))})
+
+    def _sample(self, engine: StreamingStep, corpus: Corpus, store: Store, step: int) -> None:
+        self.events.emit({"event": "phase", "phase": "sample", "step": step})
+        tokenizer = tokenizer_from_json(store.tokenizer_json())
+        prompt = [int(t) for t in corpus.val[:32]]
+        ids = generate(engine, prompt, max_new_tokens=120, temperature=0.8, top_k=40, seed=step)
+        self.events.emit({"event": "sample", "step": step, "text": tokenizer.decode(prompt + ids)})
+
+    def _loop(self, store, engine, sampler, corpus, settings, total, seq, commit_every, policy, plan) -> str:
+        events, control, run = self.events, self.control, self.run_config
+        started = time.monotonic()
+        step = first_step = store.step
+        last_commit = last_eval = step
+        threads = self.profile.usable_threads()
+        paused_by: str | None = None
+        while step < total:
+            decision = policy.check()
+            if decision.paused_by != paused_by:
+                if decision.paused_by:
+                    events.emit({"event": "pause", "reason": decision.paused_by})
+                else:
+                    events.emit({"event": "resume", "reason": paused_by})
+                paused_by = decision.paused_by
+            wanted_threads = self.profile.usable_threads(decision.threads)
+            if wanted_threads != threads:
+                threads = wanted_threads
+                torch.set_num_threads(threads)
+                events.emit({"event": "throttle", "threads": threads,
+                             "reason": "thermal" if decision.threads else "cool"})
+            if control.stop_requested.is_set():
+                break
+            if control.paused or paused_by:
+                if control.paused and paused_by is None:
+                    events.emit({"event": "pause", "reason": "user"})
+                    control.wait_while_paused()
+                    events.emit({"event": "resume", "reason": "user"})
+                else:
+                    time.sleep(1.0)
+                continue
+            if run.time_limit_s is not None and time.monotonic() - started > run.time_limit_s:
+                # The run's last word is its validation loss, as when it reaches its total.
+                if last_eval != step:
+                    self._evaluate(engine, corpus, seq, step, settings)
+                self._commit(store, engine, step, settings, sampler)
+                return "time_limit"
+            micro = [next(sampler) for _ in range(settings["micro_batches"])]
+            scale = lr_scale(step + 1, total, settings["warmup"], settings["min_lr_ratio"])
+            step_started = time.perf_counter()
+            result = engine.step(micro, step + 1, scale)
+            step += 1
+            step_s = time.perf_counter() - step_started
+            memory = memory_snapshot()
+            elapsed = time.monotonic() - started
+            events.emit({
+                "event": "step", "step": step, "total_steps": total, "loss": result.loss,
+                "lr_spectral": settings["lr_spectral"] * scale, "lr_dense": settings["lr_dense"] * scale,
+                "tokens_per_s": result.tokens / step_s, "step_s": step_s, "phase_s": result.phase_s,
+                "bytes_read": result.bytes_read, "bytes_written": result.bytes_written, **memory,
+                "budget_bytes": self.profile.memory_budget, "resident_blocks": plan.resident_blocks,
+                "ortho_err": result.ortho_err, "grad_norm": result.grad_norm,
+                "battery": dataclasses.asdict(decision.battery) if decision.battery else None,
+                "temperature_c": decision.temperature_c,
+                "eta_s": elapsed / (step - first_step) * (total - step),
+            })
+            if step % commit_every == 0 or control.commit_requested.is_set():
+                control.commit_requested.clear()
+                self._commit(store, engine, step, settings, sampler)
+                last_commit = step
+            if (run.eval_every and step % run.eval_every == 0) or control.eval_requested.is_set() or step == total:
+                control.eval_requested.clear()
+                self._evaluate(engine, corpus, seq, step, settings)
+                last_eval = step
+            if control.sample_requested.is_set():
+                control.sample_requested.clear()
+                self._sample(engine, corpus, store, step)
+        if step != last_commit or store.step != step:
+            self._commit(store, engine, step, settings, sampler)
+        return "done" if step >= total else "stopped"
+
+
+class MemoryMonitor:
+    """Emits a `memory` event every second while the run is alive (the TUI's headroom panel in watch mode)."""
+
+    def __init__(self, events: EventLog, interval_s: float = 1.0) -> None:
+        self.events = events
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="sct-memory", daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.events.emit({"event": "memory", **memory_snapshot()})
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def inference_engine(store: Store, profile_name: str, budget: str | None, seq: int) -> StreamingStep:
+    """A streamed engine for evaluation and generation: blocks paged under the profile as in training."""
+    profile = load_profile(profile_name, budget)
+    torch.set_num_threads(profile.usable_threads())
+    plan = make_plan(store.config, profile, 1, min(seq, store.config.max_seq_len), 1, "lm")
+    return StreamingStep(store, plan.resident_blocks, plan.prefetch_depth, OptimConfig(), resolve_device(profile))
