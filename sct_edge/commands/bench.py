@@ -10,7 +10,7 @@ from sct_edge.errors import SctError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("bench", help="benchmarks (timings go to the README, not to unit tests)")
+    parser = subparsers.add_parser("bench", help="benchmarks (timings go to docs/benchmarks.md, not to unit tests)")
     benches = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
     p = benches.add_parser("step", help="time training steps of the streamed engine (and the in-memory reference)")
     p.add_argument("--preset", default="sct-70b", help="model preset")
