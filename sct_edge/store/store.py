@@ -571,6 +571,14 @@ class Store:
     def shard_file(self, name: str) -> Path:
         return self.path / self._entry(name).file
 
+    def data_crc32(self, name: str) -> int:
+        """crc32 of a committed shard's tensor data alone (from its header: no data is read). Unlike the
+        whole file's crc it does not depend on the shard's version, so replicas with equal tensors agree."""
+        entry = self._manifest.shards[name]
+        header = self._stat_header(name, entry)
+        self._check_header(name, entry, header)
+        return header.data_crc32
+
     def committed_bytes(self) -> int:
         """Size of the committed store: shard files, tokenizer and manifest."""
         shards = sum(e.bytes for e in self._manifest.shards.values())
