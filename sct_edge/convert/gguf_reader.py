@@ -54,7 +54,7 @@ _QWEN2_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_PRE_TOKENIZERS = {
+PRE_TOKENIZERS = {
     # GPT-2's regex inside the byte-level pre-tokenizer; llama.cpp also falls back to a GPT-2-like split
     # for "default" (files converted before tokenizer.ggml.pre existed).
     "gpt2": ("default", "gpt-2", "gpt2", "phi-2", "mpt", "olmo", "jais", "roberta-bpe", "trillion"),
@@ -77,6 +77,16 @@ def _require_gguf() -> Any:
     except ImportError:
         raise SctError("the 'gguf' package is needed to read GGUF files: pip install 'sct-edge[import]'") from None
     return gguf
+
+
+def permute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's `LlamaModel.permute` of a Q (n_heads) or K (n_kv_heads) weight's rows, for GGML's RoPE.
+
+    Rows are read as (head, 2, head_dim/2) and the last two axes swapped, interleaving the two halves of
+    each head; `unpermute_qk` is its inverse.
+    """
+    rows = weight.shape[0]
+    return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 def unpermute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
@@ -152,12 +162,14 @@ def _build_config(meta: _Metadata, path: Path, vocab_size: int, tied: bool) -> M
     return config
 
 
-def _pre_tokenizer(pre: str, path: Path) -> tuple[Any, Any]:
+def hf_pre_tokenizer(pre: str, path: Path) -> tuple[Any, Any]:
+    """The Hugging Face pre-tokenizer that llama.cpp's `tokenizer.ggml.pre` name `pre` stands for, and its family
+    (a key of PRE_TOKENIZERS); `path` names the file in the error for an unknown name."""
     tokenizers = require_tokenizers()
     pts = tokenizers.pre_tokenizers
-    family = next((f for f, names in _PRE_TOKENIZERS.items() if pre in names), None)
+    family = next((f for f, names in PRE_TOKENIZERS.items() if pre in names), None)
     if family is None:
-        known = ", ".join(n for names in _PRE_TOKENIZERS.values() for n in names)
+        known = ", ".join(n for names in PRE_TOKENIZERS.values() for n in names)
         raise SctError(f"{path}: tokenizer pre-tokenizer '{pre}' is not supported (known: {known})")
     if family == "gpt2":
         return pts.ByteLevel(add_prefix_space=False, use_regex=True), family
@@ -191,7 +203,7 @@ def _read_tokenizer(meta: _Metadata, path: Path) -> BPETokenizer:
             raise SctError(f"{path}: tokenizer merge '{merge}' has no separating space")
         merges.append((merge[:cut], merge[cut + 1 :]))
     pre = meta.get("tokenizer.ggml.pre", "default")
-    pre_tokenizer, _ = _pre_tokenizer(pre, path)
+    pre_tokenizer, _ = hf_pre_tokenizer(pre, path)
     try:
         bpe = tokenizers.models.BPE(vocab=vocab, merges=merges, ignore_merges=pre in _IGNORE_MERGES)
     except Exception as error:  # tokenizers raises a bare Exception for a merge naming an unknown token
@@ -252,6 +264,16 @@ def _our_name(gguf_name: str) -> str | None:
     ):
         return f"layers.{int(parts[1])}.{_BLOCK_NAMES[parts[2]]}.weight"
     return None
+
+
+def gguf_name(name: str) -> str:
+    """The llama.cpp tensor name of sct-edge tensor `name` (the inverse of `_our_name`), for the writer."""
+    for gguf_global, ours in _GLOBAL_NAMES.items():
+        if name == ours:
+            return gguf_global
+    _, layer, key = name.split(".", 2)
+    block = next(b for b, ours in _BLOCK_NAMES.items() if key == f"{ours}.weight")
+    return f"blk.{int(layer)}.{block}.weight"
 
 
 def read_gguf(path: str | Path) -> SourceModel:
