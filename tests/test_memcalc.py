@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from sct_edge.cli import main
+from sct_edge.events import SCHEMA_VERSION, Event, StartEvent, StepEvent, event_to_json
 from sct_edge.model.accounting import GB, MB
 from sct_edge.model.config import RankPolicy, get_preset
 
@@ -187,33 +188,24 @@ def write_run(tmp_path: Path, predicted: dict, scale: float) -> Path:
     run = tmp_path / "run"
     run.mkdir()
     config = get_preset("tiny").to_dict()
-    events = [
-        {
-            "event": "start",
-            "time": 0.0,
-            "config": config,
-            "profile": "ci",
-            "budget_bytes": 2**30,
-            "batch": 2,
-            "seq": 16,
-            "micro_batches": 1,
-            "workload": "lm",
-        },
+    events: list[Event] = [
+        StartEvent(
+            time=0.0, config=config, store=str(tmp_path / "store"), profile="ci", budget_bytes=2**30, batch=2, seq=16,
+            micro_batches=1, workload="lm", total_steps=3, start_step=0, n_blocks=config["n_layers"],
+            resident_blocks=0, prefetch_depth=1, activations="recompute", predicted_peak_bytes=1,
+        ),
     ]
     for step in range(1, 4):
         events.append(
-            {
-                "event": "step",
-                "time": float(step),
-                "step": step,
-                "step_s": 0.5,
-                "peak_rss_bytes": int(predicted["predicted_peak_bytes"] * scale),
-                "rss_bytes": 1,
-                "bytes_read": 1000 * step,
-                "bytes_written": 2000,
-            }
+            StepEvent(
+                time=float(step), step=step, total_steps=3, loss=5.0, lr_spectral=0.01, lr_dense=0.003,
+                tokens_per_s=64.0, step_s=0.5, phase_s={"forward": 0.1}, bytes_read=1000 * step, bytes_written=2000,
+                rss_bytes=1, peak_rss_bytes=int(predicted["predicted_peak_bytes"] * scale), available_bytes=2**33,
+                budget_bytes=2**30, resident_blocks=0, ortho_err=1e-7, grad_norm=None, battery=None,
+                temperature_c=None, eta_s=0.0,
+            )
         )
-    (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events) + '{"event": "st')
+    (run / "events.jsonl").write_text("".join(event_to_json(e) + "\n" for e in events) + '{"event": "st')
     return run
 
 
@@ -233,6 +225,21 @@ def test_measured_run_directory(capsys, tmp_path):
     assert "measured (" in out and "-20.0 %" in out
     assert "differs from the measured run" in memcalc_error(capsys, "--measured", str(run), "--seq", "32")
     assert "records its model" in memcalc_error(capsys, "--measured", str(run), "--preset", "tiny")
+
+
+def test_measured_run_of_a_newer_schema_or_a_broken_event_is_refused(capsys, tmp_path):
+    prediction = memcalc_json(capsys, "--preset", "tiny", "--profile", "ci", "--batch", "2", "--seq", "16")
+    run = write_run(tmp_path, prediction, scale=1.0)
+    path = run / "events.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    step = json.loads(lines[2])
+    del step["bytes_read"]
+    path.write_text("".join([lines[0], lines[1], json.dumps(step) + "\n"]))
+    assert memcalc_error(capsys, "--measured", str(run)) == f"sct-edge: error: {path}:3: step event lacks bytes_read"
+    start = json.loads(lines[0])
+    path.write_text(json.dumps({**start, "schema": SCHEMA_VERSION + 1}) + "\n" + lines[1])
+    error = memcalc_error(capsys, "--measured", str(run))
+    assert f"{path}:1: event schema version {SCHEMA_VERSION + 1} is newer" in error
 
 
 def test_measured_bench_json(capsys, tmp_path):

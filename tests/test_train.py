@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sct_edge.train.events import read_events
+from sct_edge.events import CommitEvent, EndEvent, EvalEvent, StepEvent, read_events
 
 FAST = ["--profile", "ci", "--no-tui", "--batch", "4", "--seq", "32", "--eval-every", "0"]
 
@@ -52,7 +52,7 @@ def assert_bit_identical(a: Path, b: Path) -> None:
 def wait_for_step(events: Path, step: int, process: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if events.exists() and any(e["event"] == "step" and e["step"] >= step for e in read_events(events)):
+        if events.exists() and any(isinstance(e, StepEvent) and e.step >= step for e in read_events(events)):
             return
         if process.poll() is not None:
             raise AssertionError(f"run exited early: {process.stderr.read()[-2000:]}")
@@ -64,10 +64,10 @@ def test_time_limit_stops_commits_and_evaluates_the_last_step(tmp_path):
     store, runs = tmp_path / "store", tmp_path / "runs"
     sct("run", "--store", str(store), "--run-dir", str(runs), *FAST, "--steps", "100000", "--time-limit", "4")
     events = read_events(runs / "events.jsonl")
-    last_step = max(e["step"] for e in events if e["event"] == "step")
+    last_step = max(e.step for e in events if isinstance(e, StepEvent))
     assert 0 < last_step < 100000
-    assert events[-1] == {**events[-1], "event": "end", "reason": "time_limit", "step": last_step}
-    assert [e["step"] for e in events if e["event"] == "eval"] == [last_step]
+    assert isinstance(events[-1], EndEvent) and (events[-1].reason, events[-1].step) == ("time_limit", last_step)
+    assert [e.step for e in events if isinstance(e, EvalEvent)] == [last_step]
     assert json.loads((store / "manifest.json").read_text())["step"] == last_step
 
 
@@ -75,14 +75,14 @@ def test_tiny_run_learns_and_eval_generate_work(tmp_path):
     store, runs = tmp_path / "store", tmp_path / "runs"
     sct("run", "--store", str(store), "--run-dir", str(runs), *FAST[:-2], "--eval-every", "20", "--steps", "60",
         "--batch", "8", "--seq", "64")
-    evals = [e for e in read_events(runs / "events.jsonl") if e["event"] == "eval"]
-    assert [e["step"] for e in evals] == [20, 40, 60]
-    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.3, evals
-    steps = [e for e in read_events(runs / "events.jsonl") if e["event"] == "step"]
-    assert steps[-1]["loss"] < steps[0]["loss"] - 1.0
-    for field in ("tokens_per_s", "phase_s", "bytes_read", "peak_rss_bytes", "available_bytes", "ortho_err"):
-        assert field in steps[-1]
-    assert steps[-1]["ortho_err"] < 1e-5
+    evals = [e for e in read_events(runs / "events.jsonl") if isinstance(e, EvalEvent)]
+    assert [e.step for e in evals] == [20, 40, 60]
+    assert evals[-1].val_loss < evals[0].val_loss - 0.3, evals
+    steps = [e for e in read_events(runs / "events.jsonl") if isinstance(e, StepEvent)]
+    assert steps[-1].loss < steps[0].loss - 1.0
+    assert steps[-1].tokens_per_s > 0 and steps[-1].bytes_read >= 0 and steps[-1].peak_rss_bytes > 0
+    assert {"forward", "backward", "optimizer", "retraction"} <= set(steps[-1].phase_s)
+    assert steps[-1].ortho_err < 1e-5
     text = tmp_path / "text.txt"
     text.write_text(Path(json.__file__).read_text())
     result = json.loads(sct("eval", str(store), "--text", str(text), "--seq-len", "64", "--json",
@@ -116,9 +116,9 @@ def test_signal_commits_and_exits_cleanly(tmp_path, sig):
     process.send_signal(sig)
     assert process.wait(timeout=60) == 0, process.stderr.read()
     events = read_events(runs / "events.jsonl")
-    last_step = max(e["step"] for e in events if e["event"] == "step")
-    assert events[-1] == {**events[-1], "event": "end", "reason": "stopped", "step": last_step}
-    assert any(e["event"] == "commit" and e["step"] == last_step for e in events)
+    last_step = max(e.step for e in events if isinstance(e, StepEvent))
+    assert isinstance(events[-1], EndEvent) and (events[-1].reason, events[-1].step) == ("stopped", last_step)
+    assert any(isinstance(e, CommitEvent) and e.step == last_step for e in events)
     assert json.loads((store / "manifest.json").read_text())["step"] == last_step
     assert "Traceback" not in process.stderr.read()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import configparser
+import json
 import os
 import shutil
 import subprocess
@@ -22,7 +23,26 @@ from textual import events
 
 from sct_edge.cli import main as cli_main
 from sct_edge.errors import SctError
-from sct_edge.train.events import Control, EventLog, read_events
+from sct_edge.events import (
+    SCHEMA_VERSION,
+    BlockEvent,
+    EndEvent,
+    ErrorEvent,
+    EvalEvent,
+    Event,
+    EventLog,
+    MemoryEvent,
+    PauseEvent,
+    PhaseEvent,
+    ResumeEvent,
+    StartEvent,
+    StepEvent,
+    ThrottleEvent,
+    UnknownEvent,
+    event_to_dict,
+    read_events,
+)
+from sct_edge.train.control import Control
 from sct_edge.tui.app import SctEdgeApp
 from sct_edge.tui.format import fmt_bytes, fmt_clock, fmt_duration
 from sct_edge.tui.sources import FollowSource, LiveSource, ReplaySource
@@ -35,12 +55,12 @@ INSTALLER = ROOT / "tools" / "install-steamdeck-launcher"
 
 
 @pytest.fixture(scope="module")
-def recorded() -> list[dict]:
+def recorded() -> list[Event]:
     return read_events(STREAM)
 
 
-def kinds(events: list[dict], kind: str) -> list[dict]:
-    return [e for e in events if e["event"] == kind]
+def kinds(events: list[Event], kind: str) -> list[Event]:
+    return [e for e in events if e.kind == kind]
 
 
 async def wait_for(pilot, condition, what: str, timeout: float = 60.0) -> None:
@@ -58,57 +78,57 @@ def test_fold_of_the_recorded_run(recorded):
     view = fold(recorded)
     steps = kinds(recorded, "step")
     start = recorded[0]
-    assert view.preset == start["config"]["name"] == "tiny"
-    assert view.n_blocks == start["n_blocks"] == len(view.blocks)
-    assert view.step == view.total_steps == steps[-1]["step"]
-    assert view.losses == [e["loss"] for e in steps]
-    assert view.min_loss == min(e["loss"] for e in steps)
-    smoothed = steps[0]["loss"]
+    assert view.preset == start.config["name"] == "tiny"
+    assert view.n_blocks == start.n_blocks == len(view.blocks)
+    assert view.step == view.total_steps == steps[-1].step
+    assert view.losses == [e.loss for e in steps]
+    assert view.min_loss == min(e.loss for e in steps)
+    smoothed = steps[0].loss
     for e in steps[1:]:
-        smoothed = 0.9 * smoothed + 0.1 * e["loss"]
+        smoothed = 0.9 * smoothed + 0.1 * e.loss
     assert view.smoothed_loss == pytest.approx(smoothed)
     evals = kinds(recorded, "eval")
-    assert view.val_losses == [e["val_loss"] for e in evals] and view.val_step == evals[-1]["step"]
-    assert view.last_commit_step == kinds(recorded, "commit")[-1]["step"]
+    assert view.val_losses == [e.val_loss for e in evals] and view.val_step == evals[-1].step
+    assert view.last_commit_step == kinds(recorded, "commit")[-1].step
     assert view.ended and view.end_reason == "done" and view.paused_reason is None
-    assert view.last_sample == kinds(recorded, "sample")[0]["text"]
+    assert view.last_sample == kinds(recorded, "sample")[0].text
     last_step = steps[-1]
     assert (view.lr_spectral, view.ortho_err, view.eta_s) == (
-        last_step["lr_spectral"],
-        last_step["ortho_err"],
-        last_step["eta_s"],
+        last_step.lr_spectral,
+        last_step.ortho_err,
+        last_step.eta_s,
     )
     texts = [line.text for line in view.log]
     assert any(t.startswith("paused by you") for t in texts) and "resumed" in texts
     assert sum(t.startswith("commit at step") for t in texts) == len(kinds(recorded, "commit"))
     # Log times are relative to the run's start, so a recording renders the same anywhere.
     assert view.log[0].elapsed_s == 0.0 and view.log[-1].elapsed_s == pytest.approx(
-        recorded[-1]["time"] - start["time"]
+        recorded[-1].time - start.time
     )
 
 
 def test_memory_follows_the_latest_reading_and_the_peak_never_drops(recorded):
-    readings = [e for e in recorded if e["event"] in ("memory", "step")]
+    readings = [e for e in recorded if e.kind in ("memory", "step")]
     view = RunView()
     view.apply(recorded[0])
     for e in readings[:10]:
         view.apply(e)
-    assert view.rss_bytes == readings[9]["rss_bytes"]
-    assert view.available_bytes == readings[9]["available_bytes"]
-    assert view.budget_bytes == recorded[0]["budget_bytes"]
+    assert view.rss_bytes == readings[9].rss_bytes
+    assert view.available_bytes == readings[9].available_bytes
+    assert view.budget_bytes == recorded[0].budget_bytes
     peak = view.peak_rss_bytes
-    view.apply({"event": "memory", "rss_bytes": 1, "peak_rss_bytes": 1, "available_bytes": 2})
+    view.apply(MemoryEvent(rss_bytes=1, peak_rss_bytes=1, available_bytes=2))
     assert view.rss_bytes == 1 and view.peak_rss_bytes == peak
 
 
 def test_layer_map_is_the_last_state_of_each_block(recorded):
     # Fold up to the middle of a step of the recording and compare with the block events themselves.
-    cut = [i for i, e in enumerate(recorded) if e["event"] == "block" and e["state"] == "writing"][5] + 1
+    cut = [i for i, e in enumerate(recorded) if isinstance(e, BlockEvent) and e.state == "writing"][5] + 1
     view = fold(recorded[:cut])
-    expected = ["disk"] * recorded[0]["n_blocks"]
+    expected = ["disk"] * recorded[0].n_blocks
     for e in recorded[:cut]:
-        if e["event"] == "block":
-            expected[e["block"]] = e["state"]
+        if isinstance(e, BlockEvent):
+            expected[e.block] = e.state
     assert view.blocks == expected
     assert "writing" in view.blocks and set(view.blocks) <= set(BLOCK_STATES)
 
@@ -116,42 +136,85 @@ def test_layer_map_is_the_last_state_of_each_block(recorded):
 def step_blocks(view: RunView, order: list[int]) -> list[tuple[str, int]]:
     seen = []
     for i in order:
-        view.apply({"event": "block", "block": i, "state": "computing"})
+        view.apply(BlockEvent(block=i, state="computing"))
         seen.append((view.phase, view.phase_block))
     return seen
 
 
+def start_event(n_blocks: int, schema: int) -> StartEvent:
+    return StartEvent(
+        schema=schema, config={"name": "tiny"}, store="store", profile="ci", budget_bytes=2**30, batch=1, seq=16,
+        micro_batches=1, workload="lm", total_steps=2, start_step=0, n_blocks=n_blocks, resident_blocks=0,
+        prefetch_depth=0, predicted_peak_bytes=2**29, time=0.0,
+    )
+
+
+def step_event(step: int, loss: float) -> StepEvent:
+    return StepEvent(
+        step=step, total_steps=2, loss=loss, lr_spectral=0.01, lr_dense=0.003, tokens_per_s=100.0, step_s=0.5,
+        phase_s={}, bytes_read=0, bytes_written=0, rss_bytes=1, peak_rss_bytes=1, available_bytes=1,
+        budget_bytes=2**30, resident_blocks=0, ortho_err=0.0, grad_norm=None, battery=None, temperature_c=None,
+        eta_s=0.5,
+    )
+
+
 def test_phase_within_a_step_from_the_order_blocks_compute_in():
-    view = fold([{"event": "start", "n_blocks": 4, "total_steps": 2, "time": 0.0}])
+    # A stream written before the step announced its phases (schema 1): the order blocks compute in tells them.
+    view = fold([start_event(4, schema=1)])
     # Forward 0..3, a clipping pass 3..0 that only measures, the updating backward pass 3..0.
     seen = step_blocks(view, [0, 1, 2, 3, 3, 2, 1, 0, 3, 2, 1, 0])
     assert seen == [("forward", i) for i in range(4)] + [("backward", i) for i in (3, 2, 1, 0) * 2]
     # A block kept resident says nothing when its compute ends: the next compute moves it back to "resident".
     assert view.blocks == ["computing", "resident", "resident", "resident"]
-    view.apply({"event": "step", "step": 1, "loss": 5.0, "phase_s": {}})
+    view.apply(step_event(1, 5.0))
     assert view.phase is None
     assert step_blocks(view, [0, 1]) == [("forward", 0), ("forward", 1)]
     # Trainer-announced phases keep their name while blocks compute under them.
-    view.apply({"event": "phase", "phase": "eval", "step": 1})
+    view.apply(PhaseEvent(phase="eval", step=1))
     assert step_blocks(view, [0, 1]) == [("eval", 0), ("eval", 1)]
-    view.apply({"event": "eval", "step": 1, "val_loss": 4.0, "val_ppl": 54.6})
+    view.apply(EvalEvent(step=1, val_loss=4.0, val_ppl=54.6))
     assert view.phase is None and view.val_losses == [4.0]
+
+
+def test_phase_within_a_step_from_the_phases_the_step_announces():
+    view = fold([start_event(4, schema=2)])
+    shown = []
+    for event in (
+        PhaseEvent(phase="forward", step=1, block=0),
+        BlockEvent(block=0, state="computing"),
+        BlockEvent(block=2, state="computing"),
+        PhaseEvent(phase="backward", step=1, block=1),
+        BlockEvent(block=1, state="computing"),
+        PhaseEvent(phase="optimizer", step=1, block=1),
+        PhaseEvent(phase="retraction", step=1, block=1),
+        PhaseEvent(phase="spill", step=1, block=0),
+        PhaseEvent(phase="backward", step=1, block=0),
+    ):
+        view.apply(event)
+        shown.append((view.phase, view.phase_block))
+    # The order blocks compute in no longer decides: a jump from block 0 to 2 stays forward, as announced.
+    assert shown == [
+        ("forward", 0), ("forward", 0), ("forward", 2), ("backward", 1), ("backward", 1), ("optimizer", 1),
+        ("retraction", 1), ("spill", 0), ("backward", 0),
+    ]
+    view.apply(step_event(1, 5.0))
+    assert view.phase is None and view.phases_announced
 
 
 def test_policy_events():
     view = RunView()
-    view.apply({"event": "pause", "reason": "battery"})
+    view.apply(PauseEvent(reason="battery"))
     assert view.paused_reason == "battery" and view.log[-1].text == "paused on battery"
-    view.apply({"event": "resume", "reason": "battery"})
+    view.apply(ResumeEvent(reason="battery"))
     assert view.paused_reason is None
-    view.apply({"event": "throttle", "threads": 1, "reason": "thermal"})
+    view.apply(ThrottleEvent(threads=1, reason="thermal"))
     assert (view.throttle_threads, view.throttle_reason) == (1, "thermal")
-    view.apply({"event": "throttle", "threads": 4, "reason": "cool"})
+    view.apply(ThrottleEvent(threads=4, reason="cool"))
     assert view.throttle_threads is None
-    view.apply({"event": "error", "message": "disk full"})
-    view.apply({"event": "end", "step": 3, "reason": "error"})
+    view.apply(ErrorEvent(message="disk full"))
+    view.apply(EndEvent(step=3, reason="error"))
     assert view.last_error == "disk full" and view.ended and view.log[-1].level == "error"
-    view.apply({"event": "from-a-newer-writer"})
+    view.apply(UnknownEvent(name="from-a-newer-writer", fields={}))
     assert view.events_seen == 7
 
 
@@ -177,13 +240,13 @@ def test_formatting():
 # ---------------------------------------------------------------------- the screen over a recording
 
 
-def mid_step(recorded: list[dict]) -> list[dict]:
+def mid_step(recorded: list[Event]) -> list[Event]:
     """The recording up to the middle of a backward pass after the pause, commit and sample (as snapshots)."""
-    after_sample = next(i for i, e in enumerate(recorded) if e["event"] == "sample")
+    after_sample = next(i for i, e in enumerate(recorded) if e.kind == "sample")
     cut = next(
         i
         for i, e in enumerate(recorded)
-        if i > after_sample + 250 and e["event"] == "block" and e["state"] == "writing"
+        if i > after_sample + 250 and isinstance(e, BlockEvent) and e.state == "writing"
     )
     return recorded[: cut + 2]
 
@@ -304,7 +367,7 @@ def test_watch_follows_a_growing_events_file(tmp_path, recorded):
             thread.start()
             await wait_for(pilot, lambda: app.view.events_seen == 400, "the events appended later", 30)
             thread.join()
-            assert app.view.losses == [e["loss"] for e in kinds(recorded[:400], "step")]
+            assert app.view.losses == [e.loss for e in kinds(recorded[:400], "step")]
             assert not app.query_one("#pause").display
             await pilot.press("q")
             await wait_for(pilot, lambda: app.return_value is not None, "the app to exit")
@@ -319,6 +382,17 @@ def test_watch_needs_a_run_directory(tmp_path, capsys):
         FollowSource(tmp_path)
     assert cli_main(["watch", str(tmp_path / "missing")]) == 2
     assert "is not a run directory" in capsys.readouterr().err
+
+
+def test_watch_refuses_a_stream_of_a_newer_schema(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    newer = json.dumps({**event_to_dict(start_event(4, schema=SCHEMA_VERSION + 1)), "renamed_field": 1})
+    (run_dir / "events.jsonl").write_text(newer + "\n")
+    assert cli_main(["watch", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"{run_dir / 'events.jsonl'}:1: event schema version {SCHEMA_VERSION + 1} is newer" in err
 
 
 # ---------------------------------------------------------------------- a live tiny run
@@ -362,7 +436,7 @@ def test_live_run_pause_resume_commit_quit(tmp_path):
             paused_at = view.step
             await pilot.pause(1.5)
             # list(): one atomic copy, the trainer's memory monitor keeps appending while paused.
-            assert view.step == paused_at and not any(e["event"] == "step" for e in list(app.source.inbox))
+            assert view.step == paused_at and not any(isinstance(e, StepEvent) for e in list(app.source.inbox))
             await pilot.press("p")
             await wait_for(pilot, lambda: view.step >= paused_at + 2, "steps after resuming")
 
@@ -377,11 +451,11 @@ def test_live_run_pause_resume_commit_quit(tmp_path):
 
     asyncio.run(scenario())
     events = read_events(events_path)
-    assert [e["reason"] for e in kinds(events, "pause")] == ["user"]
+    assert [e.reason for e in kinds(events, "pause")] == ["user"]
     commits, end = kinds(events, "commit"), events[-1]
-    assert end["event"] == "end" and end["reason"] == "stopped" and app.return_value == 0
+    assert isinstance(end, EndEvent) and end.reason == "stopped" and app.return_value == 0
     # Quit committed the last step taken.
-    assert len(commits) == 2 and commits[-1]["step"] == end["step"] == kinds(events, "step")[-1]["step"]
+    assert len(commits) == 2 and commits[-1].step == end.step == kinds(events, "step")[-1].step
     assert app.producer_done and app.failure is None
 
 
@@ -409,7 +483,7 @@ def test_ui_answers_keys_during_a_long_step(tmp_path):
                 # Memory keeps refreshing at 1 Hz (the UI polls it itself; the trainer's monitor reports it too).
                 await wait_for(pilot, lambda polled=polled: view.memory_at > polled, "a fresh memory reading", 3)
                 await wait_for(pilot, lambda: view.paused_reason == "user", "the pause after that step")
-                done = [e["time"] for e in kinds(read_events(events_path), "step") if e["step"] == step + 1]
+                done = [e.time for e in kinds(read_events(events_path), "step") if e.step == step + 1]
                 if answered < done[0]:
                     break  # the key was answered while that step was still running
                 key("p")  # that step was too short to tell: resume and try on the next one
@@ -420,7 +494,7 @@ def test_ui_answers_keys_during_a_long_step(tmp_path):
             await wait_for(pilot, lambda: app.return_value is not None, "the trainer to stop", timeout=120)
 
     asyncio.run(scenario())
-    assert read_events(events_path)[-1]["reason"] == "stopped"
+    assert read_events(events_path)[-1].reason == "stopped"
 
 
 def test_trainer_errors_are_shown_and_reraised(tmp_path):

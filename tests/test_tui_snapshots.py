@@ -10,13 +10,13 @@ from __future__ import annotations
 import pytest
 from test_tui import STREAM, mid_step
 
-from sct_edge.train.events import read_events
+from sct_edge.events import Event, read_events
 from sct_edge.tui.app import SctEdgeApp
 from sct_edge.tui.sources import ReplaySource
 
 
 @pytest.fixture(scope="module")
-def mid_run() -> list[dict]:
+def mid_run() -> list[Event]:
     return mid_step(read_events(STREAM))
 
 

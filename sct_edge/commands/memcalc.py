@@ -28,6 +28,7 @@ from sct_edge.engine.plan import (
 )
 from sct_edge.engine.profile import load_profile, parse_size
 from sct_edge.errors import SctError
+from sct_edge.events import Event, StartEvent, StepEvent, parse_event
 from sct_edge.model.accounting import GB, MB, count_params, format_bytes, mlp_layer_table, train_bytes
 from sct_edge.model.config import ModelConfig, RankPolicy, get_preset
 
@@ -158,6 +159,32 @@ def _require(record: dict, keys: tuple[str, ...], where: str) -> None:
         raise SctError(f"{where}: missing or non-numeric {', '.join(missing)}")
 
 
+def measured_run(file: Path, events: list[Event]) -> Measured:
+    """A run's figures from its typed events: the peak over every step, I/O and time medians of the steady ones."""
+    steps = [e for e in events if isinstance(e, StepEvent)]
+    if not steps:
+        raise SctError(f"{file}: no step events (the run has not completed a step)")
+    starts = [e for e in events if isinstance(e, StartEvent)]
+    setup = {}
+    if starts:
+        start = starts[-1]
+        setup = {
+            "config": start.config, "profile": start.profile, "budget_bytes": start.budget_bytes,
+            "batch": start.batch, "seq": start.seq, "micro_batches": start.micro_batches, "workload": start.workload,
+        }
+    # The first step pays for cold caches and lazy initialisation; steady state is the rest.
+    steady = steps[1:] or steps
+    return Measured(
+        source=str(file),
+        steps=len(steps),
+        peak_rss_bytes=max(e.peak_rss_bytes for e in steps),
+        bytes_read=int(statistics.median(e.bytes_read for e in steady)),
+        bytes_written=int(statistics.median(e.bytes_written for e in steady)),
+        step_s=statistics.median(e.step_s for e in steady),
+        setup=setup,
+    )
+
+
 def load_measured(path: Path) -> Measured:
     """Figures from a run directory (events.jsonl), an events.jsonl file, or a `bench step --json` line."""
     file = path / "events.jsonl" if path.is_dir() else path
@@ -178,37 +205,10 @@ def load_measured(path: Path) -> Measured:
                 continue  # a torn last line from a writer that was killed
             raise SctError(f"{file}:{number}: not a JSON line") from None
         if isinstance(record, dict):
-            records.append(record)
-    events = [r for r in records if "event" in r]
-    if events:
-        steps = [e for e in events if e["event"] == "step"]
-        if not steps:
-            raise SctError(f"{file}: no step events (the run has not completed a step)")
-        keys = ("peak_rss_bytes", "bytes_read", "bytes_written")
-        for e in steps:
-            _require(e, keys, f"{file}: step event")
-        starts = [e for e in events if e["event"] == "start"]
-        setup = {}
-        if starts:
-            start = starts[-1]
-            setup = {
-                k: start[k]
-                for k in ("config", "profile", "budget_bytes", "batch", "seq", "micro_batches", "workload")
-                if k in start
-            }
-        # The first step pays for cold caches and lazy initialisation; steady state is the rest.
-        steady = steps[1:] or steps
-        step_times = [e["step_s"] for e in steady if isinstance(e.get("step_s"), int | float)]
-        return Measured(
-            source=str(file),
-            steps=len(steps),
-            peak_rss_bytes=max(int(e["peak_rss_bytes"]) for e in steps),
-            bytes_read=int(statistics.median(e["bytes_read"] for e in steady)),
-            bytes_written=int(statistics.median(e["bytes_written"] for e in steady)),
-            step_s=statistics.median(step_times) if step_times else None,
-            setup=setup,
-        )
-    benches = [r for r in records if "peak_rss_bytes" in r]
+            records.append((number, record))
+    if any("event" in record for _, record in records):
+        return measured_run(file, [parse_event(record, f"{file}:{number}") for number, record in records])
+    benches = [r for _, r in records if "peak_rss_bytes" in r]
     if not benches:
         raise SctError(f"{file}: neither run events nor a `bench step --json` line with peak_rss_bytes")
     line = benches[-1]

@@ -63,7 +63,8 @@ def run_config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from sct_edge.train.events import Control, EventLog
+    from sct_edge.events import EventLog
+    from sct_edge.train.control import Control
     from sct_edge.train.progress import PlainProgress
     from sct_edge.train.trainer import Trainer
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from sct_edge.engine.adamw import OptimConfig
+from sct_edge.events import memory_snapshot
 from sct_edge.model.config import ModelConfig, RankPolicy, get_preset
-from sct_edge.train.events import memory_snapshot
 
 
 @dataclass

@@ -14,12 +14,7 @@ from dataclasses import dataclass
 import psutil
 
 from sct_edge.engine.profile import BatteryPolicy, ThermalPolicy
-
-
-@dataclass
-class Battery:
-    percent: float
-    plugged: bool
+from sct_edge.events import Battery
 
 
 def read_battery() -> Battery | None:

@@ -4,13 +4,12 @@ A store *is* a run's state: besides factors and AdamW moments its manifest holds
 data cursor and the committed step, so `--resume` (or simply running on the store again) continues the
 run exactly: a run killed at any instant and resumed ends bit-identical to one never interrupted.
 
-The trainer is UI-agnostic: it emits the events of `sct_edge.train.events` and polls a `Control`; the TUI, the
+The trainer is UI-agnostic: it emits the events of `sct_edge.events` and polls a `Control`; the TUI, the
 plain tqdm output and `sct-edge watch` are views of the same stream.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import threading
@@ -27,12 +26,28 @@ from sct_edge.engine.profile import load_profile, resolve_device
 from sct_edge.engine.sampling import generate
 from sct_edge.engine.step import StreamingStep
 from sct_edge.errors import SctError
+from sct_edge.events import (
+    CommitEvent,
+    EndEvent,
+    ErrorEvent,
+    EvalEvent,
+    EventLog,
+    MemoryEvent,
+    PauseEvent,
+    PhaseEvent,
+    ResumeEvent,
+    SampleEvent,
+    StartEvent,
+    StepEvent,
+    ThrottleEvent,
+    memory_snapshot,
+)
 from sct_edge.model.config import ModelConfig, RankPolicy, get_preset
 from sct_edge.model.transformer import dense_config
 from sct_edge.store.store import MANIFEST, Store
+from sct_edge.train.control import Control
 from sct_edge.train.data import BatchSampler, Corpus, eval_batches, prepare_corpus
 from sct_edge.train.edge_policy import EdgePolicy
-from sct_edge.train.events import Control, EventLog, memory_snapshot
 
 # Settings that shape the trajectory: recorded in the store at the first commit, reused on resume.
 DEFAULT_STEPS = 600
@@ -149,8 +164,8 @@ class Trainer:
         try:
             return self._run()
         except SctError as error:
-            events.emit({"event": "error", "message": str(error)})
-            events.emit({"event": "end", "step": None, "reason": "error"})
+            events.emit(ErrorEvent(message=str(error)))
+            events.emit(EndEvent(step=None, reason="error"))
             raise
 
     def _run(self) -> int:
@@ -182,15 +197,14 @@ class Trainer:
                                    on_event=events.emit, activations=plan.activations)
             commit_every = run.commit_every or profile.commit_every
             policy = EdgePolicy(profile.battery, profile.thermal)
-            events.emit({
-                "event": "start", "config": store.config.to_dict(), "store": str(store.path),
-                "profile": profile.name, "budget_bytes": profile.memory_budget, "batch": settings["batch"],
-                "seq": seq, "micro_batches": settings["micro_batches"], "workload": "lm", "total_steps": total,
-                "start_step": store.step, "n_blocks": store.config.n_layers,
-                "resident_blocks": plan.resident_blocks, "prefetch_depth": plan.prefetch_depth,
-                "activations": plan.activations,
-                "predicted_peak_bytes": plan.predicted_peak_bytes, "corpus": corpus.describe(),
-            })
+            events.emit(StartEvent(
+                config=store.config.to_dict(), store=str(store.path), profile=profile.name,
+                budget_bytes=profile.memory_budget, batch=settings["batch"], seq=seq,
+                micro_batches=settings["micro_batches"], workload="lm", total_steps=total, start_step=store.step,
+                n_blocks=store.config.n_layers, resident_blocks=plan.resident_blocks,
+                prefetch_depth=plan.prefetch_depth, activations=plan.activations,
+                predicted_peak_bytes=plan.predicted_peak_bytes, corpus=corpus.describe(),
+            ))
             monitor = MemoryMonitor(events)
             monitor.start()
             try:
@@ -198,28 +212,28 @@ class Trainer:
             finally:
                 monitor.stop()
                 engine.close()
-            events.emit({"event": "end", "step": store.step, "reason": reason})
+            events.emit(EndEvent(step=store.step, reason=reason))
         return 0
 
     def _commit(self, store: Store, engine: StreamingStep, step: int, settings: dict, sampler: BatchSampler) -> None:
         started = time.perf_counter()
-        self.events.emit({"event": "phase", "phase": "commit", "step": step})
+        self.events.emit(PhaseEvent(phase="commit", step=step))
         engine.residency.flush()
         store.commit(step, {"run": settings, "sampler": sampler.state_dict()})
-        self.events.emit({"event": "commit", "step": step, "seconds": time.perf_counter() - started})
+        self.events.emit(CommitEvent(step=step, seconds=time.perf_counter() - started))
 
     def _evaluate(self, engine: StreamingStep, corpus: Corpus, seq: int, step: int, settings: dict) -> None:
-        self.events.emit({"event": "phase", "phase": "eval", "step": step})
+        self.events.emit(PhaseEvent(phase="eval", step=step))
         windows = eval_batches(corpus.val, seq, settings["batch"], max_windows=self.run_config.eval_windows)
         loss = engine.evaluate(list(windows))
-        self.events.emit({"event": "eval", "step": step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50))})
+        self.events.emit(EvalEvent(step=step, val_loss=loss, val_ppl=math.exp(min(loss, 50))))
 
     def _sample(self, engine: StreamingStep, corpus: Corpus, store: Store, step: int) -> None:
-        self.events.emit({"event": "phase", "phase": "sample", "step": step})
+        self.events.emit(PhaseEvent(phase="sample", step=step))
         tokenizer = tokenizer_from_json(store.tokenizer_json())
         prompt = [int(t) for t in corpus.val[:32]]
         ids = generate(engine, prompt, max_new_tokens=120, temperature=0.8, top_k=40, seed=step)
-        self.events.emit({"event": "sample", "step": step, "text": tokenizer.decode(prompt + ids)})
+        self.events.emit(SampleEvent(step=step, text=tokenizer.decode(prompt + ids)))
 
     def _loop(self, store, engine, sampler, corpus, settings, total, seq, commit_every, policy, plan) -> str:
         events, control, run = self.events, self.control, self.run_config
@@ -232,23 +246,22 @@ class Trainer:
             decision = policy.check()
             if decision.paused_by != paused_by:
                 if decision.paused_by:
-                    events.emit({"event": "pause", "reason": decision.paused_by})
+                    events.emit(PauseEvent(reason=decision.paused_by))
                 else:
-                    events.emit({"event": "resume", "reason": paused_by})
+                    events.emit(ResumeEvent(reason=paused_by))
                 paused_by = decision.paused_by
             wanted_threads = self.profile.usable_threads(decision.threads)
             if wanted_threads != threads:
                 threads = wanted_threads
                 torch.set_num_threads(threads)
-                events.emit({"event": "throttle", "threads": threads,
-                             "reason": "thermal" if decision.threads else "cool"})
+                events.emit(ThrottleEvent(threads=threads, reason="thermal" if decision.threads else "cool"))
             if control.stop_requested.is_set():
                 break
             if control.paused or paused_by:
                 if control.paused and paused_by is None:
-                    events.emit({"event": "pause", "reason": "user"})
+                    events.emit(PauseEvent(reason="user"))
                     control.wait_while_paused()
-                    events.emit({"event": "resume", "reason": "user"})
+                    events.emit(ResumeEvent(reason="user"))
                 else:
                     time.sleep(1.0)
                 continue
@@ -266,17 +279,14 @@ class Trainer:
             step_s = time.perf_counter() - step_started
             memory = memory_snapshot()
             elapsed = time.monotonic() - started
-            events.emit({
-                "event": "step", "step": step, "total_steps": total, "loss": result.loss,
-                "lr_spectral": settings["lr_spectral"] * scale, "lr_dense": settings["lr_dense"] * scale,
-                "tokens_per_s": result.tokens / step_s, "step_s": step_s, "phase_s": result.phase_s,
-                "bytes_read": result.bytes_read, "bytes_written": result.bytes_written, **memory,
-                "budget_bytes": self.profile.memory_budget, "resident_blocks": plan.resident_blocks,
-                "ortho_err": result.ortho_err, "grad_norm": result.grad_norm,
-                "battery": dataclasses.asdict(decision.battery) if decision.battery else None,
-                "temperature_c": decision.temperature_c,
-                "eta_s": elapsed / (step - first_step) * (total - step),
-            })
+            events.emit(StepEvent(
+                step=step, total_steps=total, loss=result.loss, lr_spectral=settings["lr_spectral"] * scale,
+                lr_dense=settings["lr_dense"] * scale, tokens_per_s=result.tokens / step_s, step_s=step_s,
+                phase_s=result.phase_s, bytes_read=result.bytes_read, bytes_written=result.bytes_written, **memory,
+                budget_bytes=self.profile.memory_budget, resident_blocks=plan.resident_blocks,
+                ortho_err=result.ortho_err, grad_norm=result.grad_norm, battery=decision.battery,
+                temperature_c=decision.temperature_c, eta_s=elapsed / (step - first_step) * (total - step),
+            ))
             if step % commit_every == 0 or control.commit_requested.is_set():
                 control.commit_requested.clear()
                 self._commit(store, engine, step, settings, sampler)
@@ -304,7 +314,7 @@ class MemoryMonitor:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self.events.emit({"event": "memory", **memory_snapshot()})
+            self.events.emit(MemoryEvent(**memory_snapshot()))
 
     def start(self) -> None:
         self._thread.start()

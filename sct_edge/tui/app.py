@@ -9,7 +9,6 @@ neither side ever waits for the other. Keys and buttons only set flags on the tr
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 from textual import work
@@ -17,7 +16,8 @@ from textual.app import App
 from textual.binding import Binding
 from textual.worker import Worker, WorkerState
 
-from sct_edge.train.events import Control, memory_snapshot
+from sct_edge.events import ErrorEvent, MemoryEvent, memory_snapshot
+from sct_edge.train.control import Control
 from sct_edge.tui.screens import RunScreen
 from sct_edge.tui.sources import EventSource, FollowSource, LiveSource, MakeTrainer
 from sct_edge.tui.state import RunView
@@ -91,7 +91,7 @@ class SctEdgeApp(App[int]):
             self.redraw()
 
     def poll_memory(self) -> None:
-        self.view.apply({"event": "memory", "time": time.time(), **memory_snapshot()})
+        self.view.apply(MemoryEvent(**memory_snapshot()))
         self.redraw()
 
     def redraw(self) -> None:
@@ -138,7 +138,7 @@ class SctEdgeApp(App[int]):
             self.failure = event.worker.error
             message = str(self.failure) or type(self.failure).__name__
             if self.view.last_error != message:  # the trainer reports its own SctErrors as events
-                self.view.apply({"event": "error", "message": message, "time": time.time()})
+                self.view.apply(ErrorEvent(message=message))
             self.result_code = 1
         else:
             self.result_code = event.worker.result or 0
@@ -212,7 +212,10 @@ def run_tui(make_trainer: MakeTrainer, control: Control) -> int:
 
 
 def watch_run(run_dir: Path) -> int:
-    """`sct-edge watch RUN_DIR`: the same screen over another process's `RUN_DIR/events.jsonl`."""
+    """`sct-edge watch RUN_DIR`: the same screen over another process's `RUN_DIR/events.jsonl`. A stream this
+    version cannot read (a newer schema, a corrupt line) is re-raised after the screen closes."""
     app = SctEdgeApp(FollowSource(run_dir))
     app.run()
+    if app.failure is not None:
+        raise app.failure
     return 0

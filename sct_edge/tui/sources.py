@@ -15,16 +15,15 @@ from pathlib import Path
 from typing import Protocol
 
 from sct_edge.errors import SctError
-from sct_edge.train.events import Control, follow
-
-Listener = Callable[[dict], None]
+from sct_edge.events import Event, EventSink, first_event, follow
+from sct_edge.train.control import Control
 
 
 class Trainer(Protocol):
     def run(self) -> int: ...
 
 
-MakeTrainer = Callable[[list[Listener]], Trainer]
+MakeTrainer = Callable[[list[EventSink]], Trainer]
 
 
 class EventSource:
@@ -36,7 +35,7 @@ class EventSource:
     description: str = ""
 
     def __init__(self) -> None:
-        self.inbox: deque[dict] = deque()
+        self.inbox: deque[Event] = deque()
 
     def produce(self, stop: threading.Event) -> int:
         """Runs on a worker thread until the stream ends (or `stop` is set); returns the exit status."""
@@ -72,6 +71,7 @@ class FollowSource(EventSource):
         self.path = run_dir / "events.jsonl"
         if not self.path.is_file():
             raise SctError(f"watch: {run_dir} has no events.jsonl (is it the run directory of `sct-edge run`?)")
+        first_event(self.path)  # a stream of a newer schema is refused before the screen opens
         self.description = f"watching {run_dir}"
 
     def produce(self, stop: threading.Event) -> int:
@@ -84,7 +84,7 @@ class ReplaySource(EventSource):
     """A recorded list, all in the inbox before the screen first draws: deterministic (snapshot tests,
     screenshots). With `interactive`, the keys drive a `Control` of their own, as on a live run."""
 
-    def __init__(self, events: list[dict], interactive: bool = True, description: str = "recorded run") -> None:
+    def __init__(self, events: list[Event], interactive: bool = True, description: str = "recorded run") -> None:
         super().__init__()
         self.inbox.extend(events)
         self.control = Control() if interactive else None

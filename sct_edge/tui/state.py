@@ -2,7 +2,9 @@
 
 The reducer depends on nothing but the events (their `time` fields included: no clock, no I/O, no
 widgets), so a live run, `sct-edge watch` and the snapshot tests' recorded stream all render through the
-same code, and it can be tested without a screen. Widgets only read a `RunView`.
+same code, and it can be tested without a screen. Widgets only read a `RunView`. Events arrive typed
+(`sct_edge.events`); the phase within a step is the one the step announces, except in streams written before
+it announced them (schema 1), where it is inferred from the order blocks compute in.
 """
 
 from __future__ import annotations
@@ -10,7 +12,27 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-BLOCK_STATES = ("disk", "loading", "resident", "computing", "writing")
+from sct_edge.events import (
+    BLOCK_STATES,
+    LEGACY_SCHEMA,
+    STEP_PHASES,
+    Battery,
+    BlockEvent,
+    CommitEvent,
+    EndEvent,
+    ErrorEvent,
+    EvalEvent,
+    Event,
+    MemoryEvent,
+    PauseEvent,
+    PhaseEvent,
+    ResumeEvent,
+    SampleEvent,
+    StartEvent,
+    StepEvent,
+    ThrottleEvent,
+)
+
 LOG_LINES = 200  # older log lines are dropped; the full history stays in events.jsonl
 SMOOTHING = 0.9  # exponential moving average weight of the smoothed loss
 
@@ -40,7 +62,9 @@ class RunView:
     resident_blocks: int | None = None
     prefetch_depth: int | None = None
     predicted_peak_bytes: int | None = None
+    activations: str | None = None
     started_at: float | None = None
+    schema: int = LEGACY_SCHEMA
     # RAM: the latest `memory` or `step` reading.
     budget_bytes: int | None = None
     rss_bytes: int | None = None
@@ -55,8 +79,9 @@ class RunView:
     step: int = 0
     total_steps: int = 0
     start_step: int = 0
-    phase: str | None = None  # forward | backward | optimizer | commit | eval | sample; None between steps
+    phase: str | None = None  # one of STEP_PHASES or TRAINER_PHASES; None between steps
     phase_block: int | None = None  # the block being computed in that phase
+    phases_announced: bool = False  # the writer announces the step's phases (else they are inferred)
     tokens_per_s: float | None = None
     step_s: float | None = None
     phase_s: dict[str, float] = field(default_factory=dict)
@@ -75,7 +100,7 @@ class RunView:
     ortho_err: float | None = None
     grad_norm: float | None = None
     # The edge policy.
-    battery: dict | None = None
+    battery: Battery | None = None
     temperature_c: float | None = None
     paused_reason: str | None = None
     throttle_threads: int | None = None
@@ -90,59 +115,60 @@ class RunView:
     end_reason: str | None = None
     events_seen: int = 0
 
-    def apply(self, event: dict) -> None:
+    def apply(self, event: Event) -> None:
         """Fold one event into the view (unknown kinds are counted and otherwise ignored: newer writers)."""
         self.events_seen += 1
-        handler = getattr(self, f"_on_{event.get('event')}", None)
+        handler = getattr(self, f"_on_{event.kind}", None)
         if handler is not None:
             handler(event)
 
-    def elapsed(self, event: dict) -> float | None:
-        if self.started_at is None or "time" not in event:
+    def elapsed(self, event: Event) -> float | None:
+        if self.started_at is None:
             return None
-        return event["time"] - self.started_at
+        return event.time - self.started_at
 
-    def _log(self, event: dict, text: str, level: str = "info") -> None:
+    def _log(self, event: Event, text: str, level: str = "info") -> None:
         self.log.append(LogLine(self.elapsed(event), text, level))
         self.logged += 1
 
     # ------------------------------------------------------------------ handlers, one per event kind
 
-    def _on_start(self, e: dict) -> None:
-        config = e.get("config") or {}
+    def _on_start(self, e: StartEvent) -> None:
         if self.started_at is None:
-            self.started_at = e.get("time")
-        self.preset = config.get("name")
-        self.profile = e.get("profile")
-        self.store = e.get("store")
-        self.batch, self.seq = e.get("batch"), e.get("seq")
-        self.n_blocks = int(e.get("n_blocks") or config.get("n_layers") or 0)
-        self.resident_blocks = e.get("resident_blocks")
-        self.prefetch_depth = e.get("prefetch_depth")
-        self.predicted_peak_bytes = e.get("predicted_peak_bytes")
-        self.budget_bytes = e.get("budget_bytes", self.budget_bytes)
-        self.total_steps = e.get("total_steps") or 0
-        self.start_step = self.step = e.get("start_step") or 0
+            self.started_at = e.time
+        self.schema = e.schema
+        self.preset = e.config.get("name")
+        self.profile = e.profile
+        self.store = e.store
+        self.batch, self.seq = e.batch, e.seq
+        self.n_blocks = e.n_blocks
+        self.resident_blocks = e.resident_blocks
+        self.prefetch_depth = e.prefetch_depth
+        self.predicted_peak_bytes = e.predicted_peak_bytes
+        self.activations = e.activations
+        self.budget_bytes = e.budget_bytes
+        self.total_steps = e.total_steps
+        self.start_step = self.step = e.start_step
         self.blocks = ["disk"] * self.n_blocks
         self.phase = self.phase_block = None
+        self.phases_announced = False
         self.paused_reason = None
         self.ended, self.end_reason = False, None
         resumed = f", resumed at step {self.start_step}" if self.start_step else ""
         self._log(e, f"start: {self.preset or 'model'} on profile {self.profile}, {self.total_steps} steps{resumed}")
 
-    def _on_memory(self, e: dict) -> None:
-        self.memory_at = e.get("time", self.memory_at)
-        for key in ("rss_bytes", "rss_anon_bytes", "rss_file_bytes", "available_bytes"):
-            if e.get(key) is not None:
-                setattr(self, key, e[key])
-        if e.get("peak_rss_bytes") is not None:
-            self.peak_rss_bytes = max(self.peak_rss_bytes or 0, e["peak_rss_bytes"])
-        if e.get("budget_bytes") is not None:
-            self.budget_bytes = e["budget_bytes"]
+    def _on_memory(self, e: MemoryEvent | StepEvent) -> None:
+        self.memory_at = e.time
+        self.rss_bytes, self.available_bytes = e.rss_bytes, e.available_bytes
+        if e.rss_anon_bytes is not None:
+            self.rss_anon_bytes = e.rss_anon_bytes
+        if e.rss_file_bytes is not None:
+            self.rss_file_bytes = e.rss_file_bytes
+        self.peak_rss_bytes = max(self.peak_rss_bytes or 0, e.peak_rss_bytes)
 
-    def _on_block(self, e: dict) -> None:
-        i, state = e.get("block"), e.get("state")
-        if not isinstance(i, int) or state not in BLOCK_STATES:
+    def _on_block(self, e: BlockEvent) -> None:
+        i, state = e.block, e.state
+        if state not in BLOCK_STATES or i < 0:
             return
         if i >= len(self.blocks):
             self.blocks.extend(["disk"] * (i + 1 - len(self.blocks)))
@@ -150,13 +176,17 @@ class RunView:
         if state == "computing":
             # One block computes at a time; a block kept resident says nothing when its compute ends.
             self.blocks = ["resident" if s == "computing" else s for s in self.blocks]
-            self._advance_phase(i)
+            if self.phases_announced:
+                self.phase_block = i
+            else:
+                self._infer_phase(i)
         self.blocks[i] = state
 
-    def _advance_phase(self, i: int) -> None:
-        """Tell forward from backward by the order blocks compute in: forward climbs 0, 1, 2, ... one at a
-        time; anything else (the turn at the top, a second backward pass for clipping) is backward until
-        the step ends. Commit, eval and sample phases are announced by the trainer and keep their name."""
+    def _infer_phase(self, i: int) -> None:
+        """For streams whose step announced no phases (schema 1): tell forward from backward by the order blocks
+        compute in. Forward climbs 0, 1, 2, ... one at a time; anything else (the turn at the top, a second
+        backward pass for clipping) is backward until the step ends. Commit, eval and sample phases are
+        announced by the trainer and keep their name."""
         if self.phase in (None, "forward"):
             if self.phase_block is None:
                 climbing = i == 0
@@ -165,86 +195,76 @@ class RunView:
             self.phase = "forward" if climbing else "backward"
         self.phase_block = i
 
-    def _on_phase(self, e: dict) -> None:
-        self.phase = e.get("phase")
-        self.phase_block = None
+    def _on_phase(self, e: PhaseEvent) -> None:
+        if e.phase in STEP_PHASES:
+            self.phases_announced = True
+        self.phase = e.phase
+        self.phase_block = e.block
 
-    def _on_step(self, e: dict) -> None:
-        self.step = e.get("step", self.step)
-        self.total_steps = e.get("total_steps") or self.total_steps
-        loss = e.get("loss")
-        if loss is not None:
-            self.losses.append(loss)
-            self.min_loss = loss if self.min_loss is None else min(self.min_loss, loss)
-            s = self.smoothed_loss
-            self.smoothed_loss = loss if s is None else SMOOTHING * s + (1 - SMOOTHING) * loss
-        for key in (
-            "tokens_per_s",
-            "step_s",
-            "eta_s",
-            "bytes_read",
-            "bytes_written",
-            "lr_spectral",
-            "lr_dense",
-            "ortho_err",
-            "grad_norm",
-            "battery",
-            "temperature_c",
-        ):
-            if key in e:
-                setattr(self, key, e[key])
-        self.phase_s = dict(e.get("phase_s") or {})
+    def _on_step(self, e: StepEvent) -> None:
+        self.step = e.step
+        self.total_steps = e.total_steps or self.total_steps
+        self.losses.append(e.loss)
+        self.min_loss = e.loss if self.min_loss is None else min(self.min_loss, e.loss)
+        s = self.smoothed_loss
+        self.smoothed_loss = e.loss if s is None else SMOOTHING * s + (1 - SMOOTHING) * e.loss
+        self.tokens_per_s, self.step_s, self.eta_s = e.tokens_per_s, e.step_s, e.eta_s
+        self.bytes_read, self.bytes_written = e.bytes_read, e.bytes_written
+        self.lr_spectral, self.lr_dense = e.lr_spectral, e.lr_dense
+        self.ortho_err, self.grad_norm = e.ortho_err, e.grad_norm
+        self.battery, self.temperature_c = e.battery, e.temperature_c
+        self.phase_s = dict(e.phase_s)
+        self.budget_bytes = e.budget_bytes
         self._on_memory(e)
         self.phase = self.phase_block = None
 
-    def _on_eval(self, e: dict) -> None:
-        self.val_losses.append(e["val_loss"])
-        self.val_step, self.val_ppl = e.get("step"), e.get("val_ppl")
+    def _on_eval(self, e: EvalEvent) -> None:
+        self.val_losses.append(e.val_loss)
+        self.val_step, self.val_ppl = e.step, e.val_ppl
         self.phase = self.phase_block = None
-        self._log(e, f"eval at step {e.get('step')}: val loss {e['val_loss']:.4f}, ppl {e.get('val_ppl', 0):.2f}")
+        self._log(e, f"eval at step {e.step}: val loss {e.val_loss:.4f}, ppl {e.val_ppl:.2f}")
 
-    def _on_sample(self, e: dict) -> None:
-        self.last_sample = e.get("text", "")
+    def _on_sample(self, e: SampleEvent) -> None:
+        self.last_sample = e.text
         self.phase = self.phase_block = None
-        self._log(e, f"sample at step {e.get('step')}: {self.last_sample}")
+        self._log(e, f"sample at step {e.step}: {self.last_sample}")
 
-    def _on_commit(self, e: dict) -> None:
-        self.last_commit_step = e.get("step")
+    def _on_commit(self, e: CommitEvent) -> None:
+        self.last_commit_step = e.step
         self.phase = self.phase_block = None
-        self._log(e, f"commit at step {e.get('step')} ({e.get('seconds', 0):.2f} s)", "good")
+        self._log(e, f"commit at step {e.step} ({e.seconds:.2f} s)", "good")
 
-    def _on_pause(self, e: dict) -> None:
-        self.paused_reason = e.get("reason") or "user"
+    def _on_pause(self, e: PauseEvent) -> None:
+        self.paused_reason = e.reason
         self._log(e, PAUSE_TEXT.get(self.paused_reason, f"paused ({self.paused_reason})"), "warning")
 
-    def _on_resume(self, e: dict) -> None:
+    def _on_resume(self, e: ResumeEvent) -> None:
         self.paused_reason = None
         self._log(e, "resumed")
 
-    def _on_throttle(self, e: dict) -> None:
-        reason = e.get("reason")
-        if reason == "cool":
+    def _on_throttle(self, e: ThrottleEvent) -> None:
+        if e.reason == "cool":
             self.throttle_threads = self.throttle_reason = None
-            self._log(e, f"cooled down: back to {e.get('threads')} threads")
+            self._log(e, f"cooled down: back to {e.threads} threads")
         else:
-            self.throttle_threads, self.throttle_reason = e.get("threads"), reason
-            self._log(e, f"throttled to {e.get('threads')} threads ({reason})", "warning")
+            self.throttle_threads, self.throttle_reason = e.threads, e.reason
+            self._log(e, f"throttled to {e.threads} threads ({e.reason})", "warning")
 
-    def _on_error(self, e: dict) -> None:
-        self.last_error = e.get("message", "")
+    def _on_error(self, e: ErrorEvent) -> None:
+        self.last_error = e.message
         self._log(e, f"error: {self.last_error}", "error")
 
-    def _on_end(self, e: dict) -> None:
-        self.ended, self.end_reason = True, e.get("reason")
-        if e.get("step") is not None:
-            self.step = e["step"]
+    def _on_end(self, e: EndEvent) -> None:
+        self.ended, self.end_reason = True, e.reason
+        if e.step is not None:
+            self.step = e.step
         self.phase = self.phase_block = None
         self.blocks = ["disk"] * len(self.blocks)
         level = "error" if self.end_reason == "error" else "good"
         self._log(e, f"end at step {self.step}: {self.end_reason}", level)
 
 
-def fold(events: list[dict], view: RunView | None = None) -> RunView:
+def fold(events: list[Event], view: RunView | None = None) -> RunView:
     """The view after `events`, folded into `view` (a fresh one by default)."""
     view = view if view is not None else RunView()
     for event in events:

@@ -5,6 +5,9 @@ listener plays the user: pause after step 12 (resumed a second later), commit no
 sample now after step 20. Run it from the repository root to re-record after the event schema changes:
 
     python tests/data/record_tui_stream.py
+
+The checked-in recording was written before typed events (schema 1: no `schema` field, no forward/backward
+phase events), and the tests use it to show that such runs still display; keep it when the schema moves on.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import tempfile
 import threading
 from pathlib import Path
 
-from sct_edge.train.events import Control, EventLog
+from sct_edge.events import Event, EventLog, StepEvent
+from sct_edge.train.control import Control
 from sct_edge.train.trainer import RunConfig, Trainer
 
 OUT = Path(__file__).with_name("tui_stream.jsonl")
@@ -23,15 +27,15 @@ def record(out: Path = OUT) -> None:
     out.unlink(missing_ok=True)
     control = Control()
 
-    def play_user(event: dict) -> None:
-        if event["event"] != "step":
+    def play_user(event: Event) -> None:
+        if not isinstance(event, StepEvent):
             return
-        if event["step"] == 12:
+        if event.step == 12:
             control.pause()
             threading.Timer(1.0, control.resume).start()
-        elif event["step"] == 15:
+        elif event.step == 15:
             control.commit_requested.set()
-        elif event["step"] == 20:
+        elif event.step == 20:
             control.sample_requested.set()
 
     with tempfile.TemporaryDirectory() as tmp:

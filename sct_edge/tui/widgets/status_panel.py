@@ -26,12 +26,12 @@ def sensors_line(v: RunView, width: int) -> Content:
     if v.battery is None:
         battery = Content.styled("no battery", "dim")
     else:
-        percent = v.battery.get("percent")
-        style = "$success" if v.battery.get("plugged") else "$warning" if (percent or 0) < 30 else ""
+        percent = v.battery.percent
+        style = "$success" if v.battery.plugged else "$warning" if percent < 30 else ""
         battery = Content.assemble(
             ("battery ", "dim"),
             (f"{percent:.0f}%", f"bold {style}"),
-            (" plugged in" if v.battery.get("plugged") else " on battery", "dim"),
+            (" plugged in" if v.battery.plugged else " on battery", "dim"),
         )
     temp = (
         Content.styled("no temperature sensor", "dim")
@@ -68,7 +68,6 @@ class StatusPanel(ViewWidget):
         self.shows_error = False
 
     def signature(self, v: RunView) -> tuple:
-        battery = tuple(v.battery.items()) if v.battery else None
         return (
             v.ended,
             v.end_reason,
@@ -76,7 +75,7 @@ class StatusPanel(ViewWidget):
             v.throttle_threads,
             v.throttle_reason,
             v.started_at is None,
-            battery,
+            v.battery,
             v.temperature_c,
             v.last_commit_step,
             v.profile,
