@@ -28,8 +28,6 @@ from time import sleep
 from time import time as unix_time
 from typing import ClassVar
 
-import psutil
-
 from sct_edge.errors import SctError
 
 SCHEMA_VERSION = 2
@@ -401,6 +399,9 @@ def _status_kib(field_name: str) -> int | None:
 def memory_snapshot() -> dict:
     """A `MemoryReading`'s fields for this process now: resident memory (anonymous vs file-backed where the OS
     says), its peak, and system available."""
+    # Imported here: parsing events needs the standard library alone (tools/memcalc runs without site-packages).
+    import psutil
+
     rss = psutil.Process().memory_info().rss
     peak = _status_kib("VmHWM")
     if peak is None:  # macOS reports ru_maxrss in bytes, Linux in KiB
