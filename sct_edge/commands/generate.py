@@ -17,19 +17,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy")
     p.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template (imported models)")
+    p.add_argument("--chat", action="store_true", help="send the prompt as a user message, rendered with the "
+                   "store's chat template (the default ChatML when the store has none)")
     p.add_argument("--profile", default="steamdeck", help="profile that bounds memory (blocks are paged under it)")
     p.add_argument("--budget", help="override the profile's memory budget, e.g. 1GiB")
     p.set_defaults(func=run)
 
 
-def chat_prompt(template: str | None, message: str) -> str:
-    """The prompt of a one-turn chat. ChatML templates (SmolLM2, Qwen, ...) are rendered here; others are refused."""
-    if template is None:
-        raise SctError("--chat: this store's model has no chat template (import one that ships it)")
-    if "<|im_start|>" not in template:
-        raise SctError("--chat: only ChatML chat templates (<|im_start|> ... <|im_end|>) are supported")
-    return f"<|im_start|>user\n{message}<|im_end|>\n<|im_start|>assistant\n"
+def chat_prompt_ids(store, tokenizer, message: str) -> list[int]:
+    """A one-turn chat prompt as the model was fine-tuned on it: `message` as the user's turn, rendered with
+    the store's own chat template (the default ChatML without one) and the assistant's turn opened."""
+    from sct_edge.train.chat_template import chat_template_for
+    from sct_edge.train.examples import encode_without_specials
+
+    template = chat_template_for(store.extra.get("chat_template"), tokenizer, f"store {store.path}")
+    text = template.render_or_fail([{"role": "user", "content": message}], True, "--chat")
+    return encode_without_specials(tokenizer, text)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,8 +45,7 @@ def run(args: argparse.Namespace) -> int:
         raise SctError("--max-new-tokens must be at least 1")
     store = Store.open(args.store)
     tokenizer = tokenizer_from_json(store.tokenizer_json())
-    text = chat_prompt(store.extra.get("chat_template"), args.prompt) if args.chat else args.prompt
-    prompt = tokenizer.encode(text)
+    prompt = chat_prompt_ids(store, tokenizer, args.prompt) if args.chat else tokenizer.encode(args.prompt)
     if not prompt:
         raise SctError("--prompt is empty")
     engine = inference_engine(store, args.profile, args.budget, len(prompt) + args.max_new_tokens)

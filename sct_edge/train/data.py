@@ -4,8 +4,12 @@ The embedded default corpus is the Python standard library's own source: real te
 running sct-edge already has, so training works with no download. User data is a list of text files
 and directories. Either way the text is split into train and held-out validation (by document when
 there are enough documents, else by taking each document's tail at a line boundary, so validation text
-is never trained on), tokenised once, document by document, into memory-mapped token files, and
-reused until a source file, the tokenizer or the split settings change.
+is never trained on; or the user's own validation files), tokenised once, document by document, into
+memory-mapped token files, and reused until a source file, the tokenizer or the split settings change.
+
+JSONL files are examples, not text: `prepare_training_data` sends them to `sct_edge.train.examples`
+(right-padded examples with loss masks) and plain text here; both give the trainer the same methods
+(`sampler`, `eval_batches`, `sample_prompt`, `describe`, `summary`).
 
 `BatchSampler` draws training windows in an order that is a pure function of (seed, cursor), so a
 resumed run draws exactly the batches an uninterrupted one would; `eval_batches` walks the validation
@@ -32,6 +36,8 @@ import torch
 
 from sct_edge.convert.tokenizer import Tokenizer
 from sct_edge.errors import SctError
+from sct_edge.train.examples import ExampleData, prepare_examples
+from sct_edge.train.jsonl import is_jsonl
 
 DEFAULT_MAX_BYTES = 8_000_000
 DEFAULT_VAL_FRACTION = 0.02
@@ -86,7 +92,7 @@ class CorpusMeta:
 
     key: str
     source: str
-    split: str  # "documents" or "tail"
+    split: str  # "documents", "tail" or "given" (the user's validation files)
     dtype: str
     vocab_size: int
     train_tokens: int
@@ -115,7 +121,7 @@ class Corpus:
 
     def describe(self) -> str:
         m = self.meta
-        if m.split == "documents":
+        if m.split in ("documents", "given"):
             docs = f"{len(m.train_documents)} train / {len(m.val_documents)} validation documents"
         else:
             docs = f"{len(m.train_documents)} documents, the end of each held out for validation"
@@ -129,6 +135,34 @@ class Corpus:
             f"{m.source}: {docs}{skipped}, {m.text_bytes:,} bytes of text -> "
             f"{m.train_tokens:,} train + {m.val_tokens:,} val tokens ({m.dtype}), {how}, in {self.cache_dir}"
         )
+
+    def summary(self) -> dict[str, Any]:
+        """For the start event: what the run trains on, in numbers."""
+        m = self.meta
+        return {"kind": "text", "split": m.split, "train_tokens": m.train_tokens, "val_tokens": m.val_tokens}
+
+    def sampler(self, batch_size: int, seq_len: int, seed: int) -> BatchSampler:
+        return BatchSampler(self.train, batch_size, seq_len, seed)
+
+    def eval_seq(self, seq_len: int) -> tuple[int, str | None]:
+        """The window length validation uses: `seq_len`, or, when the validation text is shorter than one
+        window, one window over all of it, with a note that says so (checked before the first step)."""
+        n = len(self.val)
+        if n >= seq_len + 1:
+            return seq_len, None
+        if n < 2:
+            raise SctError(f"{self.meta.source}: the validation data has {n} tokens; it needs at least 2 "
+                           "(pass more text, or --val-data FILE)")
+        return n - 1, (f"the validation data has {n} tokens, fewer than one window of sequence length {seq_len} "
+                       f"needs ({seq_len + 1}): validation uses one window of {n - 1}")
+
+    def eval_batches(self, seq_len: int, batch_size: int, max_windows: int | None
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return eval_batches(self.val, self.eval_seq(seq_len)[0], batch_size, max_windows)
+
+    def sample_prompt(self) -> list[int]:
+        """The first tokens of the validation text, for a sample of what the model writes after them."""
+        return [int(t) for t in self.val[:32]]
 
 
 def _stable_fraction(name: str, salt: str) -> float:
@@ -309,12 +343,14 @@ class _Encoder:
 
 
 def _cache_key(
-    source: str, docs: list[Document], tokenizer: Tokenizer, max_bytes: int | None, val_fraction: float
+    source: str, docs: list[Document], tokenizer: Tokenizer, max_bytes: int | None, val_fraction: float,
+    val_docs: list[Document] | None = None,
 ) -> str:
     payload = {
         "format": CACHE_FORMAT,
         "source": source,
         "files": [(d.name, str(d.path.resolve()), d.size, d.mtime_ns) for d in docs],
+        "val_files": [(d.name, str(d.path.resolve()), d.size, d.mtime_ns) for d in val_docs or []],
         "tokenizer": tokenizer.to_json(),
         "max_bytes": max_bytes,
         "val_fraction": val_fraction,
@@ -375,10 +411,12 @@ def _build_cache(
     chosen: list[tuple[Document, int | None]],
     tokenizer: Tokenizer,
     val_fraction: float,
+    val_chosen: list[tuple[Document, int | None]] | None = None,
 ) -> Corpus:
     dtype = _dtype_for(tokenizer.vocab_size)
     encoder = _Encoder(tokenizer, dtype)
-    split, val_names = _split_documents(chosen, val_fraction)
+    split, val_names = ("given", set()) if val_chosen else _split_documents(chosen, val_fraction)
+    entries = [(doc, limit, False) for doc, limit in chosen] + [(doc, limit, True) for doc, limit in val_chosen or []]
     # The old meta goes first: from here until the new one is renamed into place nothing is trusted.
     (cache_dir / META_FILE).unlink(missing_ok=True)
     train = _TokenWriter(cache_dir / TRAIN_FILE, dtype)
@@ -389,7 +427,7 @@ def _build_cache(
     text_bytes = 0
     started = time.perf_counter()
     try:
-        for doc, limit in chosen:
+        for doc, limit, given_val in entries:
             text, n_bytes = _read_text(doc, limit)
             if not text:
                 if text is None:
@@ -402,7 +440,7 @@ def _build_cache(
                 encoder.write_document(text[cut:], val)
                 train_docs.append(doc.name)
                 val_docs.append(doc.name)
-            elif doc.name in val_names:
+            elif given_val or doc.name in val_names:
                 encoder.write_document(text, val)
                 val_docs.append(doc.name)
             else:
@@ -452,9 +490,11 @@ def prepare_corpus(
     cache_dir: Path,
     max_bytes: int | None = DEFAULT_MAX_BYTES,
     val_fraction: float = DEFAULT_VAL_FRACTION,
+    val_sources: list[Path] | None = None,
 ) -> Corpus:
     """Tokenised train/validation data for `sources` (None or empty: the embedded stdlib corpus).
 
+    Validation is `val_sources` when given (all of `sources` is then trained on), else held out.
     `max_bytes` caps the text taken (None: all of it); the cache in `cache_dir` is reused while the
     source files (path, size, mtime), the tokenizer and these settings are unchanged."""
     if not 0 < val_fraction < 0.5:
@@ -475,11 +515,53 @@ def prepare_corpus(
     # power cut): it holds nothing trusted and would only take disk space.
     for leftover in cache_dir.glob(f"*{TMP_MARK}*"):
         leftover.unlink(missing_ok=True)
-    key = _cache_key(label, docs, tokenizer, max_bytes, val_fraction)
+    val_docs = user_documents(val_sources) if val_sources else None
+    key = _cache_key(label, docs, tokenizer, max_bytes, val_fraction, val_docs)
     cached = _load_cache(cache_dir, key)
     if cached is not None:
         return cached
-    return _build_cache(cache_dir, key, label, select_documents(docs, max_bytes), tokenizer, val_fraction)
+    val_chosen = select_documents(val_docs, max_bytes) if val_docs else None
+    return _build_cache(cache_dir, key, label, select_documents(docs, max_bytes), tokenizer, val_fraction, val_chosen)
+
+
+def _jsonl_or_text(sources: list[Path], what: str) -> tuple[bool, list[Document]]:
+    """Whether `sources` are JSONL example files (True) or plain text (False), and their files; a mix is refused."""
+    docs = user_documents(sources)
+    jsonl = [d for d in docs if is_jsonl(d.path)]
+    if jsonl and len(jsonl) != len(docs):
+        text = next(d for d in docs if not is_jsonl(d.path))
+        raise SctError(f"{what} mixes JSONL examples ({jsonl[0].path}) and plain text ({text.path}); "
+                       "train on one kind at a time")
+    return bool(jsonl), docs
+
+
+def prepare_training_data(
+    sources: list[Path] | None,
+    tokenizer: Tokenizer,
+    cache_dir: Path,
+    seq_len: int,
+    val_sources: list[Path] | None = None,
+    chat_template: str | None = None,
+    template_source: str = "the store",
+    train_on_prompt: bool = False,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+) -> Corpus | ExampleData:
+    """The run's data: JSONL files as examples (`sct_edge.train.examples`), anything else as plain text.
+
+    `chat_template` (None: the default ChatML) renders `messages` examples; `template_source` names where
+    it came from in errors. `val_sources` must be the same kind as `sources`."""
+    if not sources:
+        if val_sources and _jsonl_or_text(val_sources, "--val-data")[0]:
+            raise SctError("--val-data names JSONL examples but the run trains on the default text corpus")
+        return prepare_corpus(None, tokenizer, cache_dir, val_fraction=val_fraction, val_sources=val_sources)
+    jsonl, docs = _jsonl_or_text(sources, "--data")
+    val_docs = _jsonl_or_text(val_sources, "--val-data")[1] if val_sources else []
+    if val_docs and any(is_jsonl(d.path) != jsonl for d in val_docs):
+        raise SctError(f"--val-data must be {'JSONL examples' if jsonl else 'plain text'} like --data")
+    if not jsonl:
+        return prepare_corpus(sources, tokenizer, cache_dir, val_fraction=val_fraction, val_sources=val_sources)
+    return prepare_examples([d.path for d in docs], [d.path for d in val_docs], tokenizer, chat_template,
+                            template_source, seq_len, val_fraction, train_on_prompt)
 
 
 def _check_window(n_tokens: int, seq_len: int, batch_size: int, name: str) -> None:
@@ -537,6 +619,10 @@ class BatchSampler:
             if self.position == len(self._order):
                 self.epoch, self.position, self._order = self.epoch + 1, 0, None
         return _windows(self.tokens, np.asarray(starts, dtype=np.int64), self.seq_len)
+
+    def draw(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The `n` micro-batches of one step."""
+        return [next(self) for _ in range(n)]
 
     def state_dict(self) -> dict[str, Any]:
         """The cursor plus what it depends on, as plain JSON values."""

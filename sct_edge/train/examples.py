@@ -65,7 +65,7 @@ class TokenizedExample:
         return len(self.ids)
 
 
-def _encode(tokenizer: Tokenizer, text: str) -> list[int]:
+def encode_without_specials(tokenizer: Tokenizer, text: str) -> list[int]:
     """Token ids of `text` without the tokenizer's automatic BOS/EOS (special tokens written in the text,
     such as `<|im_start|>`, are still recognised as the single tokens they are)."""
     if getattr(tokenizer, "kind", None) == "bpe":
@@ -118,7 +118,7 @@ def tokenize_record(record: Record, tokenizer: Tokenizer, template: ChatTemplate
         ids.append(tokenizer.bos_id)
         counted.append(False)
     for text, trained in record_segments(record, template):
-        piece = _encode(tokenizer, text)
+        piece = encode_without_specials(tokenizer, text)
         ids += piece
         counted += [trained or train_on_prompt] * len(piece)
     last_counts = bool(counted and counted[-1])
@@ -126,7 +126,7 @@ def tokenize_record(record: Record, tokenizer: Tokenizer, template: ChatTemplate
     if eos is None:
         decoded = tokenizer.decode(ids)
         ending = NO_EOS_ENDING[len(decoded) - len(decoded.rstrip("\n")):] if decoded.endswith("\n") else NO_EOS_ENDING
-        piece = _encode(tokenizer, ending)
+        piece = encode_without_specials(tokenizer, ending)
         ids += piece
         counted += [last_counts or train_on_prompt] * len(piece)
     else:
@@ -183,9 +183,21 @@ class ExampleData:
 
     def summary(self) -> dict[str, Any]:
         """For the start event."""
-        return {"formats": self.formats, "train": len(self.train), "val": len(self.val),
+        return {"kind": "examples", "formats": self.formats, "train": len(self.train), "val": len(self.val),
                 "val_source": self.val_source, "truncated": self.truncated, "train_on_prompt": self.train_on_prompt,
                 "train_tokens_counted": self.counted_tokens()}
+
+    def sampler(self, batch_size: int, seq_len: int, seed: int) -> ExampleSampler:
+        return ExampleSampler(self.train, batch_size, seq_len, seed, self.pad_id)
+
+    def eval_seq(self, seq_len: int) -> tuple[int, str | None]:
+        """Validation uses the training sequence length: one example always fits (truncated if need be)."""
+        return seq_len, None
+
+    def eval_batches(self, seq_len: int, batch_size: int, max_windows: int | None
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The first `max_windows` validation examples, `batch_size` at a time."""
+        return eval_example_batches(self.val, seq_len, batch_size, self.pad_id, max_windows)
 
     def sample_prompt(self) -> list[int]:
         """The prompt of the first validation example (its tokens before the first counted one)."""
@@ -244,11 +256,17 @@ def prepare_examples(paths: list[Path], val_paths: list[Path], tokenizer: Tokeni
                        truncated=truncated, train_on_prompt=train_on_prompt, seconds=time.perf_counter() - started)
 
 
-def collate(examples: list[TokenizedExample], seq: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and targets, (len(examples) x L) int64, right-padded; L is the longest example's input length
-    rounded up to `PAD_MULTIPLE`, at most `seq`. Targets are `IGNORE_INDEX` where the loss must not count."""
+def padded_width(examples: list[TokenizedExample], seq: int) -> int:
+    """The longest example's input length rounded up to `PAD_MULTIPLE`, at most `seq`."""
     longest = max(1, max(len(e) - 1 for e in examples))
-    width = min(seq, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
+    return min(seq, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
+
+
+def collate(examples: list[TokenizedExample], seq: int, pad_id: int, width: int | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets, (len(examples) x width) int64, right-padded (width: `padded_width` by default).
+    Targets are `IGNORE_INDEX` where the loss must not count."""
+    width = width or padded_width(examples, seq)
     x = np.full((len(examples), width), pad_id, dtype=np.int64)
     y = np.full((len(examples), width), IGNORE_INDEX, dtype=np.int64)
     for row, example in enumerate(examples):
@@ -293,14 +311,24 @@ class ExampleSampler:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _next_batch(self) -> list[TokenizedExample]:
         if self._batches is None:
             self._batches = self._epoch_batches(self.epoch)
         batch = self._batches[self.position]
         self.position += 1
         if self.position == len(self._batches):
             self.epoch, self.position, self._batches = self.epoch + 1, 0, None
-        return collate([self.examples[i] for i in batch], self.seq_len, self.pad_id)
+        return [self.examples[i] for i in batch]
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return collate(self._next_batch(), self.seq_len, self.pad_id)
+
+    def draw(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The micro-batches of one step, padded to one width (the engine runs a step's micro-batches with
+        one set of rotary tables)."""
+        batches = [self._next_batch() for _ in range(n)]
+        width = max(padded_width(batch, self.seq_len) for batch in batches)
+        return [collate(batch, self.seq_len, self.pad_id, width) for batch in batches]
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "batch_size": self.batch_size,
@@ -317,6 +345,8 @@ class ExampleSampler:
 
 def eval_example_batches(examples: list[TokenizedExample], seq: int, batch_size: int, pad_id: int,
                          max_examples: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The validation examples in order, `batch_size` at a time, at most `max_examples` of them."""
+    """The validation examples in order, `batch_size` at a time, at most `max_examples` of them, all padded to
+    one width (the engine evaluates them as the micro-batches of one forward pass)."""
     chosen = examples[:max_examples]
-    return (collate(chosen[i : i + batch_size], seq, pad_id) for i in range(0, len(chosen), batch_size))
+    width = padded_width(chosen, seq)
+    return (collate(chosen[i : i + batch_size], seq, pad_id, width) for i in range(0, len(chosen), batch_size))
