@@ -1,15 +1,18 @@
-"""The streamed step equals the in-memory reference step, and a budget that fits everything reads once."""
+"""The engine's public API: its streamed step equals the in-memory reference step, evaluation and generation
+match the in-memory model, and a budget that fits everything reads once."""
 
 import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sct_edge.engine.adamw import OptimConfig
-from sct_edge.engine.plan import make_plan
+from sct_edge.engine.plan import MemoryPlan, make_plan
 from sct_edge.engine.profile import load_profile
 from sct_edge.engine.reference import InMemoryStep
-from sct_edge.engine.step import StreamingStep
+from sct_edge.engine.sampling import generate
+from sct_edge.engine.step import Engine
 from sct_edge.errors import SctError
 from sct_edge.model.config import ModelConfig, RankPolicy
 from sct_edge.model.transformer import Transformer
@@ -29,6 +32,17 @@ CONFIGS = {
     "multi-some-dense": multi_block(ranks=RankPolicy(attn=None, mlp=6, embed=5, head=None,
                                                      overrides={"layers.2.mlp.up": 2})),
 }
+
+
+def plan_for(config: ModelConfig, workload: str = "lm", activations: str = "recompute",
+             resident_blocks: int | None = None, prefetch_depth: int | None = None) -> MemoryPlan:
+    """The ci profile's plan for `config`, with the residency a test needs in place of the one the budget allows."""
+    plan = make_plan(config, dataclasses.replace(load_profile("ci"), activations=activations), 2, 7, 1, workload)
+    if resident_blocks is not None:
+        plan = dataclasses.replace(plan, resident_blocks=resident_blocks)
+    if prefetch_depth is not None:
+        plan = dataclasses.replace(plan, prefetch_depth=prefetch_depth)
+    return plan
 
 
 def batches(config: ModelConfig, n: int, seed: int, workload: str = "lm", batch: int = 2, seq: int = 7):
@@ -78,17 +92,17 @@ def test_streamed_step_equals_in_memory_reference_when_every_block_is_paged(tmp_
         minimum = error
     assert minimum is not None
     plan = make_plan(config, dataclasses.replace(profile, memory_budget=profile.memory_budget), 2, 7, 3)
-    engine = StreamingStep(store, resident_blocks=0, prefetch_depth=plan.prefetch_depth or 1, optim=optim)
+    engine = Engine(store, dataclasses.replace(plan, resident_blocks=0, prefetch_depth=plan.prefetch_depth or 1), optim)
     model = Transformer(config, seed=7)
     reference = InMemoryStep(model, optim)
     for step in (1, 2):
         micro = batches(config, 3, seed=step)
-        result = engine.step(micro, step)
+        result = engine.train_step(micro, step)
         expected_loss = reference.step(micro)
         assert result.loss == pytest.approx(expected_loss, abs=1e-5)
         assert result.bytes_written > 0
-    engine.residency.flush()
-    engine.residency.close()
+    engine.flush()
+    engine.close()
     store.commit(2, {})
     assert_store_matches(Store.open(tmp_path / "store"), model, reference, "lm")
 
@@ -98,21 +112,20 @@ def test_seed_workload_streamed_equals_reference(tmp_path, activations):
     config = multi_block(attention="seed", n_kv_heads=4)
     optim = OptimConfig(lr_spectral=0.02)
     store = Store.create(tmp_path / "store", config, seed=3)
-    engine = StreamingStep(store, resident_blocks=2, prefetch_depth=2, optim=optim, workload="seed",
-                           activations=activations)
+    engine = Engine(store, plan_for(config, "seed", activations, resident_blocks=2, prefetch_depth=2), optim)
     model = Transformer(config, seed=3)
     reference = InMemoryStep(model, optim, workload="seed")
     micro = batches(config, 2, seed=1, workload="seed")
-    assert engine.step(micro, 1).loss == reference.step(micro)
-    engine.residency.flush()
+    assert engine.train_step(micro, 1).loss == reference.step(micro)
+    engine.flush()
     store.commit(1, {})
     assert_store_matches(Store.open(tmp_path / "store"), model, reference, "seed")
     # Later steps start from factors retracted by CholeskyQR2 vs Householder (equal to ~1e-7), so the seed
     # loss (a plain sum in the hundreds) agrees to float32 precision, not bit for bit.
     for step in (2, 3):
         micro = batches(config, 2, seed=step, workload="seed")
-        assert engine.step(micro, step).loss == pytest.approx(reference.step(micro), rel=1e-5)
-    engine.residency.close()
+        assert engine.train_step(micro, step).loss == pytest.approx(reference.step(micro), rel=1e-5)
+    engine.close()
 
 
 @pytest.mark.parametrize("clip", [None, 0.05])
@@ -120,12 +133,13 @@ def test_spill_moves_boundary_activations_through_disk_and_matches_the_reference
     config = multi_block()
     optim = OptimConfig(lr_spectral=0.05, max_grad_norm=clip)
     store = Store.create(tmp_path / "store", config, seed=4)
-    engine = StreamingStep(store, config.n_layers, 0, optim, activations="spill")
+    engine = Engine(store, plan_for(config, activations="spill", resident_blocks=config.n_layers, prefetch_depth=0),
+                    optim)
     model = Transformer(config, seed=4)
     reference = InMemoryStep(model, optim)
     micro = batches(config, 3, seed=5)
     first_read = sum(store.shard_bytes(n) for n in store.shard_names())
-    result = engine.step(micro, 1)
+    result = engine.train_step(micro, 1)
     assert result.loss == pytest.approx(reference.step(micro), abs=1e-5)
     # Everything is resident: the only I/O after the first read is block inputs, out in forward and back
     # in backward (twice with clipping's norm pass), as the plan predicts.
@@ -138,7 +152,7 @@ def test_spill_moves_boundary_activations_through_disk_and_matches_the_reference
     assert result.phase_s["spill"] > 0
     spill_dir = engine.spill.path
     assert spill_dir.parent == tmp_path and spill_dir.name.startswith(".store.spill-")
-    engine.residency.flush()
+    engine.flush()
     store.commit(1, {})
     assert_store_matches(Store.open(tmp_path / "store"), model, reference, "lm")
     engine.close()
@@ -149,13 +163,13 @@ def test_a_full_disk_while_spilling_is_a_clean_error_and_the_store_stays_committ
     config = multi_block()
     store = Store.create(small_tmpfs / "store", config)
     before = {name: store.read(name) for name in store.shard_names()}
-    engine = StreamingStep(store, config.n_layers, 0, OptimConfig(), activations="spill")
+    engine = Engine(store, plan_for(config, activations="spill", resident_blocks=config.n_layers, prefetch_depth=0))
     with open(small_tmpfs / "filler", "wb") as filler, pytest.raises(OSError, match="No space left"):
         while True:
             filler.write(b"\0" * 65536)
             filler.flush()
     with pytest.raises(SctError, match=r"^activation spill .*/0\.safetensors: no space left on device$"):
-        engine.step(batches(config, 1, seed=1), 1)
+        engine.train_step(batches(config, 1, seed=1), 1)
     engine.close()
     assert not engine.spill.path.exists()
     with Store.open(small_tmpfs / "store") as reopened:
@@ -170,29 +184,85 @@ def test_all_resident_reads_each_shard_once_and_then_never(tmp_path):
     store = Store.create(tmp_path / "store", config)
     plan = make_plan(config, load_profile("ci"), 2, 7, 2)
     assert plan.resident_blocks == config.n_layers
-    engine = StreamingStep(store, plan.resident_blocks, plan.prefetch_depth, OptimConfig())
+    engine = Engine(store, plan, OptimConfig())
     reads: list[str] = []
     original = store.read
     store.read = lambda name: reads.append(name) or original(name)
-    first = engine.step(batches(config, 2, seed=1), 1)
+    first = engine.train_step(batches(config, 2, seed=1), 1)
     assert sorted(reads) == sorted(store.shard_names())  # every shard exactly once
     assert first.bytes_read == sum(store.shard_bytes(n) for n in store.shard_names())
     reads.clear()
-    second = engine.step(batches(config, 2, seed=2), 2)
+    second = engine.train_step(batches(config, 2, seed=2), 2)
     assert reads == [] and second.bytes_read == 0 and second.bytes_written == 0
-    engine.residency.close()
+    engine.close()
 
 
 def test_paged_blocks_are_read_once_for_forward_and_once_for_backward(tmp_path):
     config = multi_block()
     store = Store.create(tmp_path / "store", config)
-    engine = StreamingStep(store, resident_blocks=2, prefetch_depth=1, optim=OptimConfig())
+    engine = Engine(store, plan_for(config, resident_blocks=2, prefetch_depth=1), OptimConfig())
     reads: list[str] = []
     original = store.read
     store.read = lambda name: reads.append(name) or original(name)
-    engine.step(batches(config, 4, seed=1), 1)  # four micro-batches, still one read per pass
+    engine.train_step(batches(config, 4, seed=1), 1)  # four micro-batches, still one read per pass
     for i in range(config.n_layers):
         expected = 1 if i < 2 else 2
         assert reads.count(block_shard(i)) == expected, i
         assert reads.count(optim_shard(block_shard(i))) == 1
-    engine.residency.close()
+    engine.close()
+
+
+def in_memory_loss(model: Transformer, windows: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    with torch.no_grad():
+        losses = [F.cross_entropy(model(x).flatten(0, 1), y.flatten()) for x, y in windows]
+    return float(torch.stack(losses).mean())
+
+
+def greedy_full_sequence(model: Transformer, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy decoding with no cache: every token is the argmax of a full-sequence forward."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("config_name", ["multi", "multi-tied-dense-embed"])
+@pytest.mark.parametrize("paged", [False, True])
+def test_evaluation_generation_and_training_go_through_the_public_api(tmp_path, config_name, paged):
+    config = CONFIGS[config_name]
+    optim = OptimConfig(lr_spectral=0.05, lr_dense=0.01)
+    store = Store.create(tmp_path / "store", config, seed=7)
+    plan = plan_for(config, resident_blocks=1, prefetch_depth=1) if paged else plan_for(config)
+    assert plan.paging == paged
+    model = Transformer(config, seed=7)
+    windows = batches(config, 2, seed=11)
+    prompt = [3, 1, 4, 1, 5, 9, 2]
+    with Engine(store, plan, optim) as engine:
+        assert engine.evaluate(windows) == pytest.approx(in_memory_loss(model, windows), abs=1e-5)
+        tokens = windows[0][0]
+        with torch.no_grad():
+            torch.testing.assert_close(engine.forward(tokens), model(tokens), rtol=0, atol=1e-5)
+        # The cached forward continues a sequence: its last logits equal the full sequence's.
+        cache = engine.new_cache()
+        engine.forward(torch.tensor([prompt[:-1]]), cache)
+        last = engine.forward(torch.tensor([prompt[-1:]]), cache, last_only=True)
+        assert cache.length == len(prompt) and last.shape == (1, 1, config.vocab_size)
+        torch.testing.assert_close(last[0, -1], engine.forward(torch.tensor([prompt]))[0, -1], rtol=0, atol=1e-5)
+        assert generate(engine, prompt, max_new_tokens=12, temperature=0) == greedy_full_sequence(model, prompt, 12)
+
+        reference = InMemoryStep(model, optim)
+        micro = batches(config, 2, seed=12)
+        assert engine.train_step(micro, 1).loss == pytest.approx(reference.step(micro), abs=1e-5)
+        # Evaluation and generation see the updated weights, resident or written back.
+        assert engine.evaluate(windows) == pytest.approx(in_memory_loss(model, windows), abs=1e-5)
+        assert generate(engine, prompt, max_new_tokens=12, temperature=0) == greedy_full_sequence(model, prompt, 12)
+        engine.flush()
+    store.commit(1, {})
+    assert_store_matches(Store.open(tmp_path / "store"), model, reference, "lm")
+
+
+def test_an_engine_refuses_a_plan_made_for_another_model(tmp_path):
+    store = Store.create(tmp_path / "store", multi_block())
+    with pytest.raises(ValueError, match="the plan is for 3 blocks, the store's model has 5"):
+        Engine(store, plan_for(multi_block(n_layers=3)))

@@ -78,7 +78,7 @@ def summarise(step_times: list[float], phases: list[dict], extra: dict) -> dict:
 def run_streamed(spec: BenchSpec) -> dict:
     from sct_edge.engine.plan import make_plan
     from sct_edge.engine.profile import load_profile, resolve_device
-    from sct_edge.engine.step import StreamingStep
+    from sct_edge.engine.step import Engine
     from sct_edge.store.store import Store
 
     profile = load_profile(spec.profile, spec.budget)
@@ -89,14 +89,13 @@ def run_streamed(spec: BenchSpec) -> dict:
         store = Store.create(Path(tmp) / "store", config, seed=0, state_dtype=getattr(torch, profile.state_dtype))
         create_s = time.perf_counter() - started
         plan = make_plan(config, profile, spec.batch, spec.seq, spec.micro_batches, spec.workload)
-        engine = StreamingStep(store, plan.resident_blocks, plan.prefetch_depth, OptimConfig(),
-                               resolve_device(profile), workload=spec.workload, activations=plan.activations)
+        engine = Engine(store, plan, OptimConfig(), resolve_device(profile))
         times, phases, reads, writes = [], [], [], []
         ortho = 0.0
         for step in range(1, spec.steps + 1):
             batches = micro_batches(spec, config, step)
             t0 = time.perf_counter()
-            result = engine.step(batches, step)
+            result = engine.train_step(batches, step)
             times.append(time.perf_counter() - t0)
             phases.append(result.phase_s)
             reads.append(result.bytes_read)

@@ -24,7 +24,7 @@ from sct_edge.engine.adamw import OptimConfig
 from sct_edge.engine.plan import make_plan
 from sct_edge.engine.profile import load_profile, resolve_device
 from sct_edge.engine.sampling import generate
-from sct_edge.engine.step import StreamingStep
+from sct_edge.engine.step import Engine
 from sct_edge.errors import SctError
 from sct_edge.events import (
     CommitEvent,
@@ -193,8 +193,7 @@ class Trainer:
                 sampler.load_state_dict(store.state["sampler"])
             optim = OptimConfig(lr_spectral=settings["lr_spectral"], lr_dense=settings["lr_dense"],
                                 weight_decay=settings["weight_decay"], max_grad_norm=settings["clip"])
-            engine = StreamingStep(store, plan.resident_blocks, plan.prefetch_depth, optim, self.device,
-                                   on_event=events.emit, activations=plan.activations)
+            engine = Engine(store, plan, optim, self.device, on_event=events.emit)
             commit_every = run.commit_every or profile.commit_every
             policy = EdgePolicy(profile.battery, profile.thermal)
             events.emit(StartEvent(
@@ -215,20 +214,20 @@ class Trainer:
             events.emit(EndEvent(step=store.step, reason=reason))
         return 0
 
-    def _commit(self, store: Store, engine: StreamingStep, step: int, settings: dict, sampler: BatchSampler) -> None:
+    def _commit(self, store: Store, engine: Engine, step: int, settings: dict, sampler: BatchSampler) -> None:
         started = time.perf_counter()
         self.events.emit(PhaseEvent(phase="commit", step=step))
-        engine.residency.flush()
+        engine.flush()
         store.commit(step, {"run": settings, "sampler": sampler.state_dict()})
         self.events.emit(CommitEvent(step=step, seconds=time.perf_counter() - started))
 
-    def _evaluate(self, engine: StreamingStep, corpus: Corpus, seq: int, step: int, settings: dict) -> None:
+    def _evaluate(self, engine: Engine, corpus: Corpus, seq: int, step: int, settings: dict) -> None:
         self.events.emit(PhaseEvent(phase="eval", step=step))
         windows = eval_batches(corpus.val, seq, settings["batch"], max_windows=self.run_config.eval_windows)
         loss = engine.evaluate(list(windows))
         self.events.emit(EvalEvent(step=step, val_loss=loss, val_ppl=math.exp(min(loss, 50))))
 
-    def _sample(self, engine: StreamingStep, corpus: Corpus, store: Store, step: int) -> None:
+    def _sample(self, engine: Engine, corpus: Corpus, store: Store, step: int) -> None:
         self.events.emit(PhaseEvent(phase="sample", step=step))
         tokenizer = tokenizer_from_json(store.tokenizer_json())
         prompt = [int(t) for t in corpus.val[:32]]
@@ -274,7 +273,7 @@ class Trainer:
             micro = [next(sampler) for _ in range(settings["micro_batches"])]
             scale = lr_scale(step + 1, total, settings["warmup"], settings["min_lr_ratio"])
             step_started = time.perf_counter()
-            result = engine.step(micro, step + 1, scale)
+            result = engine.train_step(micro, step + 1, scale)
             step += 1
             step_s = time.perf_counter() - step_started
             memory = memory_snapshot()
@@ -324,9 +323,9 @@ class MemoryMonitor:
         self._thread.join()
 
 
-def inference_engine(store: Store, profile_name: str, budget: str | None, seq: int) -> StreamingStep:
+def inference_engine(store: Store, profile_name: str, budget: str | None, seq: int) -> Engine:
     """A streamed engine for evaluation and generation: blocks paged under the profile as in training."""
     profile = load_profile(profile_name, budget)
     torch.set_num_threads(profile.usable_threads())
     plan = make_plan(store.config, profile, 1, min(seq, store.config.max_seq_len), 1, "lm")
-    return StreamingStep(store, plan.resident_blocks, plan.prefetch_depth, OptimConfig(), resolve_device(profile))
+    return Engine(store, plan, OptimConfig(), resolve_device(profile))
