@@ -48,6 +48,7 @@ from sct_edge.tui.format import fmt_bytes, fmt_clock, fmt_duration
 from sct_edge.tui.sources import FollowSource, LiveSource, ReplaySource
 from sct_edge.tui.state import BLOCK_STATES, RunView, fold
 from sct_edge.tui.widgets import EventsPanel, LayerMap, MemoryPanel, ProgressPanel, StatusPanel
+from sct_edge.tui.widgets.progress_panel import phase_text
 
 ROOT = Path(__file__).resolve().parents[1]
 STREAM = Path(__file__).with_name("data") / "tui_stream.jsonl"
@@ -197,6 +198,8 @@ def test_phase_within_a_step_from_the_phases_the_step_announces():
         ("forward", 0), ("forward", 0), ("forward", 2), ("backward", 1), ("backward", 1), ("optimizer", 1),
         ("retraction", 1), ("spill", 0), ("backward", 0),
     ]
+    view.apply(PhaseEvent(phase="spill", step=1, block=0))
+    assert phase_text(view).plain == "activation spill · block 0 of 4"
     view.apply(step_event(1, 5.0))
     assert view.phase is None and view.phases_announced
 

@@ -14,6 +14,7 @@ PHASE_NAMES = {
     "backward": ("backward", "bwd", "$accent"),
     "optimizer": ("optimizer", "opt", "$success"),
     "retraction": ("retraction", "qr", "$secondary"),
+    "spill": ("activation spill", "spl", "$warning"),
     "io_wait": ("disk wait", "io", "$error"),
     "other": ("other", "etc", "$foreground 50%"),
 }
@@ -22,6 +23,7 @@ PHASE_DOING = {
     "eval": "evaluating",
     "sample": "sampling text",
     "optimizer": "optimizer step",
+    "spill": "activation spill",
 }
 
 
