@@ -10,11 +10,12 @@ plain tqdm output and `sct-edge watch` are views of the same stream.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,6 +43,7 @@ from sct_edge.events import (
     ThrottleEvent,
     memory_snapshot,
 )
+from sct_edge.flags import flag
 from sct_edge.model.config import ModelConfig, RankPolicy, get_preset
 from sct_edge.model.transformer import dense_config
 from sct_edge.store.store import MANIFEST, Store
@@ -70,30 +72,49 @@ def default_data_dir() -> Path:
 
 @dataclass
 class RunConfig:
-    profile: str = "steamdeck"
-    budget: str | None = None
-    store: Path | None = None
-    preset: str | None = None  # None: "tiny" for a new store; for an existing store, whatever it holds
-    rank: int | None = None
-    dense: bool = False
-    data: list[str] = field(default_factory=list)
-    steps: int | None = None  # the run's total; None: the store's recorded total, or DEFAULT_STEPS
-    time_limit_s: float | None = None
-    batch: int = 16
-    seq: int = 128
-    micro_batches: int = 1
-    lr_spectral: float = 1e-2
-    lr_dense: float = 3e-3
-    warmup: int = 30
+    """The settings of `sct-edge run`: each `flag` field is also its command-line option (one default, one help)."""
+
+    profile: str = flag("steamdeck", help="profile name (profiles/NAME.toml) or path to a TOML file")
+    budget: str | None = flag(None, help="override the profile's memory budget, e.g. 1GiB or 512MB")
+    store: Path | None = flag(None, help="store directory to train (created from --preset if missing); "
+                              "default: the embedded default store in the user's data directory")
+    preset: str | None = flag(None, help="preset for a new store (default: tiny; see `sct-edge presets`); with an "
+                              "existing store it must match the model the store holds")
+    rank: int | None = flag(None, help="rank of every spectral component of a new store (default: the preset's)")
+    dense: bool = flag(False, help="train the same architecture with dense weights (baseline)")
+    data: list[str] = flag(default_factory=list, metavar="PATH",
+                           help="text files or directories to train on (default: the Python standard library's source)")
+    steps: int | None = flag(None, help="total optimizer steps of the run (a resumed run stops at the same step); "
+                             f"default: the store's recorded total, or {DEFAULT_STEPS}")
+    time_limit_s: float | None = flag(None, name="--time-limit", metavar="SECONDS",
+                                      help="stop (and commit) after this wall-clock time")
+    batch: int = flag(16, help="sequences per micro-batch")
+    seq: int = flag(128, help="tokens per sequence")
+    micro_batches: int = flag(1, help="gradient-accumulation micro-batches per step")
+    lr_spectral: float = flag(1e-2, help="peak learning rate of spectral factors U, s, V")
+    lr_dense: float = flag(3e-3, help="peak learning rate of dense parameters (norms, ...)")
+    warmup: int = flag(30, help="linear warmup steps before the cosine decay")
     min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    clip: float | None = 1.0
-    eval_every: int = 100
+    weight_decay: float = flag(0.0, help="AdamW weight decay (dense matrices and s)")
+    clip: float | None = flag(1.0, help="global gradient-norm clip; 0 disables it")
+    eval_every: int = flag(100, help="validation every N steps (0: only at the end)")
     eval_windows: int = 32
-    commit_every: int | None = None  # None: the profile's
-    seed: int = 0
-    run_dir: Path | None = None
-    resume: bool = False
+    commit_every: int | None = flag(None, help="commit the store every N steps (default: the profile's)")
+    seed: int = flag(0, help="seed of the initialisation and the data order")
+    run_dir: Path | None = flag(None, help="where events.jsonl goes (default: STORE.runs/)")
+    resume: bool = flag(False, help="continue the store's run exactly where it was committed")
+
+    def checked(self) -> RunConfig:
+        """These settings as given on a command line, checked, with data paths absolute and a 0 clip as None."""
+        for name in ("batch", "seq", "micro_batches"):
+            if getattr(self, name) < 1:
+                raise SctError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.steps is not None and self.steps < 1:
+            raise SctError("--steps must be at least 1")
+        for path in self.data:
+            if not Path(path).exists():
+                raise SctError(f"--data {path}: no such file or directory")
+        return dataclasses.replace(self, data=[str(Path(p).resolve()) for p in self.data], clip=self.clip or None)
 
     def store_path(self) -> Path:
         if self.store is not None:
