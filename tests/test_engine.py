@@ -14,6 +14,7 @@ from sct_edge.engine.reference import InMemoryStep
 from sct_edge.engine.sampling import generate
 from sct_edge.engine.step import Engine
 from sct_edge.errors import SctError
+from sct_edge.events import BlockEvent, PhaseEvent
 from sct_edge.model.config import ModelConfig, RankPolicy
 from sct_edge.model.transformer import Transformer
 from sct_edge.store.store import Store, block_shard, optim_shard
@@ -266,3 +267,31 @@ def test_an_engine_refuses_a_plan_made_for_another_model(tmp_path):
     store = Store.create(tmp_path / "store", multi_block())
     with pytest.raises(ValueError, match="the plan is for 3 blocks, the store's model has 5"):
         Engine(store, plan_for(multi_block(n_layers=3)))
+
+
+@pytest.mark.parametrize("activations", ["recompute", "spill"])
+def test_a_step_announces_the_phases_it_runs_and_evaluation_announces_none(tmp_path, activations):
+    config = multi_block()
+    store = Store.create(tmp_path / "store", config)
+    events = []
+    plan = plan_for(config, activations=activations, resident_blocks=2, prefetch_depth=1)
+    with Engine(store, plan, OptimConfig(), on_event=events.append) as engine:
+        engine.train_step(batches(config, 2, seed=1), 1)
+        phases = [(e.phase, e.block) for e in events if isinstance(e, PhaseEvent)]
+        assert {e.step for e in events if isinstance(e, PhaseEvent)} == {1}
+        # Forward is announced once, or again after each block's spill; backward per block, as the update
+        # phases come between; the head and the embedding run on no block.
+        spill = activations == "spill"
+        n = config.n_layers
+        expected = [p for i in range(n) for p in (("forward", i), ("spill", i))] if spill else [("forward", 0)]
+        head_or_embed = [("backward", None), ("optimizer", None), ("retraction", None)]
+        expected += head_or_embed
+        for i in reversed(range(n)):
+            expected += [("spill", i)] * spill + [("backward", i), ("optimizer", i), ("retraction", i)]
+        expected += head_or_embed
+        assert phases == expected
+        computed = [e.block for e in events if isinstance(e, BlockEvent) and e.state == "computing"]
+        assert computed == list(range(n)) + list(reversed(range(n)))
+        events.clear()
+        engine.evaluate(batches(config, 1, seed=2))
+        assert events and not any(isinstance(e, PhaseEvent) for e in events)

@@ -12,28 +12,16 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from sct_edge.engine.clock import PhaseClock
 from sct_edge.engine.process import release_free_heap, single_openmp_thread
 from sct_edge.events import BlockEvent, EventSink
 from sct_edge.store.store import block_shard, optim_shard
 
 MAX_PENDING_WRITES = 2  # shards (one block's weights and moments) queued for write-back at most
-
-
-@dataclass
-class PhaseClock:
-    """Wall time per phase of a step; `io_wait` is time compute spent blocked on the disk."""
-
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    def add(self, phase: str, since: float) -> float:
-        now = time.perf_counter()
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - since
-        return now
 
 
 class Pager:

@@ -41,7 +41,8 @@ from torch import Tensor
 from torch.func import functional_call
 
 from sct_edge.engine.adamw import OptimConfig, adamw_update, is_orthonormal_factor
-from sct_edge.engine.pager import Pager, PhaseClock
+from sct_edge.engine.clock import PhaseClock
+from sct_edge.engine.pager import Pager
 from sct_edge.engine.plan import MemoryPlan
 from sct_edge.engine.process import tune_malloc
 from sct_edge.engine.spill import ActivationSpill
@@ -134,6 +135,7 @@ class Engine:
         resident |= {optim_shard(n) for n in resident}
         if self.workload == "lm":
             resident |= {"embed", "embed.optim", "head", "head.optim"}
+        self.on_event = on_event
         self.pager = Pager(store, resident, plan.prefetch_depth, self.device, on_event)
         self.spill = ActivationSpill(store.path) if self.activations == "spill" else None
 
@@ -210,9 +212,9 @@ class Engine:
         """One optimizer step over `micro_batches` ((tokens, targets) for "lm", (hidden, None) for "seed").
 
         `step` is the optimizer step number being taken (1 for the first). The store is not committed here:
-        call `flush` and then `store.commit`.
+        call `flush` and then `store.commit`. The step announces its phases to the event sink as it enters them.
         """
-        clock = PhaseClock()
+        clock = PhaseClock(self.on_event, step)
         read0, written0 = self._bytes_moved()
         started = time.perf_counter()
         forward = self._forward(micro_batches, clock)
@@ -278,6 +280,7 @@ class Engine:
                 since = clock.add("forward", since)
                 weights = self.pager.get(name, clock)
                 since = time.perf_counter()
+                clock.enter("forward", i)
                 self.pager.emit_state(name, "computing")
                 if turnaround and self._keeps_graph(name):
                     with torch.enable_grad():
@@ -293,6 +296,7 @@ class Engine:
                 if self.spill is not None:
                     # Only a training step's backward needs block i's input again; evaluation drops it.
                     if turnaround:
+                        clock.enter("spill", i)
                         self.spill.put(i, boundaries[i])
                     boundaries[i] = None
                     since = clock.add("spill", since)
@@ -319,6 +323,7 @@ class Engine:
         head = self.pager.get("head", clock)
         embed = self.pager.get("embed", clock) if self.head_template is None else None
         since = time.perf_counter()
+        clock.enter("backward", None)
         params = {k: v.detach().requires_grad_() for k, v in head.items()}
         tied = None if embed is None else {k: v.detach().requires_grad_() for k, v in embed.items()}
         grads_out, total = [], 0.0
@@ -331,25 +336,28 @@ class Engine:
             grads_out.append(h.grad)
         clock.add("backward", since)
         squared = sum(float(p.grad.pow(2).sum()) for p in params.values())
-        self._finish_shard("head", head, params, step, lr_scale, update, grad_scale, clock)
+        self._finish_shard("head", None, head, params, step, lr_scale, update, grad_scale, clock)
         tied_grads = None if tied is None else {k: v.grad for k, v in tied.items()}
         return grads_out, total, squared, tied_grads
 
-    def _finish_shard(self, name, tensors, params, step, lr_scale, update, grad_scale, clock) -> float:
+    def _finish_shard(self, name, layer, tensors, params, step, lr_scale, update, grad_scale, clock) -> float:
         """A shard's gradients are complete: AdamW + retraction on its parameters, then put it back.
 
-        The one point per shard (block, head or embedding) where gradients are final and the update happens.
+        The one point per shard (block `layer`, or the head or embedding with layer None) where gradients are
+        final and the update happens.
         """
         ortho = 0.0
         if update:
             state = self.pager.get(optim_shard(name), clock)
             since = time.perf_counter()
+            clock.enter("optimizer", layer)
             weights = {k: tensors[k] for k in params}
             grads = {k: p.grad for k, p in params.items()}
             with torch.no_grad():
                 adamw_update(weights, grads, {k: state[f"{k}.exp_avg"] for k in params},
                              {k: state[f"{k}.exp_avg_sq"] for k in params}, step, self.optim, lr_scale, grad_scale)
             since = clock.add("optimizer", since)
+            clock.enter("retraction", layer)
             factors = [weights[k] for k in weights if is_orthonormal_factor(k)]
             if factors:
                 with torch.no_grad():
@@ -376,6 +384,7 @@ class Engine:
             since = time.perf_counter()
             self.pager.emit_state(name, "computing")
             if i in forward.graphs:
+                clock.enter("backward", i)
                 # The measuring pass (update=False) leaves the graph for the updating pass.
                 graph = forward.graphs.pop(i) if update else forward.graphs[i]
                 params = graph.params
@@ -386,10 +395,12 @@ class Engine:
                 grads = [h.grad for h in graph.inputs]
             else:
                 if boundaries[i] is None:
+                    clock.enter("spill", i)
                     inputs = self.spill.get(i)
                     since = clock.add("spill", since)
                 else:
                     inputs = boundaries[i]
+                clock.enter("backward", i)
                 params = {k: v.detach().requires_grad_() for k, v in tensors.items()}
                 new_grads = []
                 for h, g in zip(inputs, grads, strict=True):
@@ -399,7 +410,8 @@ class Engine:
                 grads = new_grads
             since = clock.add("backward", since)
             if update:
-                ortho = max(ortho, self._finish_shard(name, tensors, params, step, lr_scale, True, grad_scale, clock))
+                shard_ortho = self._finish_shard(name, i, tensors, params, step, lr_scale, True, grad_scale, clock)
+                ortho = max(ortho, shard_ortho)
             else:
                 squared += sum(float(p.grad.pow(2).sum()) for p in params.values())
                 self.pager.put(name, tensors, modified=False)
@@ -407,6 +419,7 @@ class Engine:
         if self.workload == "lm":
             embed = self.pager.get("embed", clock)
             since = time.perf_counter()
+            clock.enter("backward", None)
             params = {k: v.detach().requires_grad_() for k, v in embed.items()}
             for (x, _), g in zip(micro_batches, grads, strict=True):
                 self._embed(params, x.to(self.device)).backward(g)
@@ -415,7 +428,8 @@ class Engine:
                     params[k].grad += g
             clock.add("backward", since)
             if update:
-                ortho = max(ortho, self._finish_shard("embed", embed, params, step, lr_scale, True, grad_scale, clock))
+                shard_ortho = self._finish_shard("embed", None, embed, params, step, lr_scale, True, grad_scale, clock)
+                ortho = max(ortho, shard_ortho)
             else:
                 squared += sum(float(p.grad.pow(2).sum()) for p in params.values())
                 self.pager.put("embed", embed, modified=False)
