@@ -304,11 +304,7 @@ class EventLog:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
 
-    def emit(self, event: Event | dict) -> Event:
-        if isinstance(event, dict):
-            # The step engine still reports block states as dicts while it is being rewritten; they are typed
-            # (and checked) here until its emission sites construct BlockEvent themselves.
-            event = parse_event({"time": unix_time(), **event}, "engine event")
+    def emit(self, event: Event) -> Event:
         line = event_to_json(event) + "\n"
         with self._lock:
             if self._file is not None:
