@@ -431,6 +431,9 @@ def test_live_run_pause_resume_commit_quit(tmp_path):
     async def scenario():
         async with app.run_test(size=(80, 24)) as pilot:
             await wait_for(pilot, lambda: view.step >= 1, "the first step")
+            # A run of this version announces its phases: the screen shows them, it does not infer them.
+            assert view.schema == SCHEMA_VERSION and view.phases_announced
+            assert {"forward", "backward", "optimizer", "retraction"} <= set(view.phase_s)
             assert view.rss_bytes and "of budget" in app.query_one(MemoryPanel).render().plain
             assert len(app.query_one(LayerMap).render().plain.splitlines()[0].split()) == view.n_blocks == 4
 

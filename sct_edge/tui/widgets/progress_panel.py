@@ -15,6 +15,7 @@ PHASE_NAMES = {
     "optimizer": ("optimizer", "opt", "$success"),
     "retraction": ("retraction", "qr", "$secondary"),
     "spill": ("activation spill", "spl", "$warning"),
+    "exchange": ("gradient exchange", "net", "$accent 60%"),
     "io_wait": ("disk wait", "io", "$error"),
     "other": ("other", "etc", "$foreground 50%"),
 }
