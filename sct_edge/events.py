@@ -78,7 +78,7 @@ class StartEvent(Event):
     batch: int
     seq: int
     micro_batches: int
-    workload: str  # lm | seed
+    workload: str  # lm | hidden-sum (written "seed" before that rename)
     total_steps: int
     start_step: int
     n_blocks: int
