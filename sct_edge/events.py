@@ -15,6 +15,7 @@ read as version 1, whose only difference is that the step announced no forward/b
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
@@ -251,6 +252,15 @@ def _type_name(annotation: object) -> str:
     return getattr(annotation, "__name__", None) or str(annotation)
 
 
+@functools.cache
+def _fields_of(cls: type[Event]) -> tuple[dict[str, object], tuple[str, ...]]:
+    """A kind's field annotations and the fields without a default (resolved once: parsing is per line)."""
+    hints = typing.get_type_hints(cls)
+    hints = {f.name: hints[f.name] for f in fields(cls)}
+    required = tuple(f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING)
+    return hints, required
+
+
 def parse_event(record: object, where: str) -> Event:
     """The typed event of one decoded JSON line; `where` (FILE:LINE) prefixes the one-line error of a bad one.
 
@@ -274,11 +284,9 @@ def parse_event(record: object, where: str) -> Event:
         if schema > SCHEMA_VERSION:
             raise SctError(f"{where}: event schema version {schema} is newer than this sct-edge reads "
                            f"(up to {SCHEMA_VERSION}); upgrade sct-edge to read this run")
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in fields(cls)}
-    given = {k: v for k, v in values.items() if k in known}  # fields a newer writer added are ignored
-    missing = [name for name, f in known.items()
-               if name not in given and f.default is MISSING and f.default_factory is MISSING]
+    hints, required = _fields_of(cls)
+    given = {k: v for k, v in values.items() if k in hints}  # fields a newer writer added are ignored
+    missing = [name for name in required if name not in given]
     if missing:
         raise SctError(f"{where}: {kind} event lacks {', '.join(missing)}")
     for name, value in given.items():
