@@ -1,10 +1,11 @@
-"""`sct-edge bench step`: measured training steps, streamed vs the in-memory reference."""
+"""`sct-edge bench step`: measured training steps, streamed vs the in-memory reference and a plain loop, with MFU."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import shlex
+from pathlib import Path
 
 from sct_edge.errors import SctError
 
@@ -23,11 +24,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=1, help="sequences per micro-batch")
     p.add_argument("--seq", type=int, default=8, help="tokens per sequence")
     p.add_argument("--micro-batches", type=int, default=1, help="gradient-accumulation micro-batches per step")
-    p.add_argument("--store", help="directory to create the benchmark's temporary store in (default: system temp)")
+    p.add_argument("--store", help="an existing store (an imported model, say) to benchmark as it is instead of a "
+                                   "preset; the steps run on a copy in the scratch directory, the store is not changed")
+    p.add_argument("--scratch", help="directory to create the benchmark's temporary store in (default: system temp)")
     p.add_argument("--threads", type=int, help="torch threads (default: the profile's)")
-    p.add_argument("--engine", choices=("both", "streamed", "reference"), default="streamed",
-                   help="streamed: sct-edge's engine in this process; reference: the in-memory step in this process; "
-                        "both: each in its own child process, with ratios")
+    p.add_argument("--engine", choices=("both", "all", "streamed", "reference", "plain"), default="streamed",
+                   help="streamed: sct-edge's engine in this process; reference: the in-memory spectral step; plain: a "
+                        "plain PyTorch loop of the model made dense (--workload lm); both: streamed and reference, "
+                        "all: the three, each in its own child process, with ratios")
+    p.add_argument("--peak-flops", type=float,
+                   help="fp32 GEMM peak (FLOP/s) to compute MFU against (default: measured at the start of the run)")
+    p.add_argument("--trace", help="directory for a torch.profiler trace of each engine's last step "
+                                   "(ENGINE.trace.json for chrome://tracing, ENGINE.top.txt: the top ops)")
     p.add_argument("--cap", help="run the streamed child under a hard cgroup memory cap of this size "
                                  "(page cache charged; Linux cgroup v1, root); only with --engine both")
     p.add_argument("--json", action="store_true", help="print JSON lines only")
@@ -35,54 +43,82 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sct_edge.engine.benchmark import BenchSpec, run_child, run_reference, run_streamed
+    from sct_edge.engine.benchmark import BenchSpec, run_child, run_plain, run_reference, run_streamed
+    from sct_edge.engine.flops import gemm_peak
     from sct_edge.engine.memory_cap import memory_cap
+    from sct_edge.engine.process import ProcessSettings, configure_process
+    from sct_edge.engine.profile import load_profile
 
-    if args.steps < 1:
-        raise SctError("--steps must be at least 1")
+    for flag, value in (("--steps", args.steps), ("--batch", args.batch), ("--seq", args.seq),
+                        ("--micro-batches", args.micro_batches), ("--threads", args.threads or 1)):
+        if value < 1:
+            raise SctError(f"{flag} must be at least 1, not {value}")
+    if args.engine in ("all", "plain") and args.workload != "lm":
+        raise SctError("the plain loop runs the real model: --engine all/plain needs --workload lm")
+    if args.store is not None and args.rank is not None:
+        raise SctError("--rank applies to presets; an existing store keeps its own ranks")
+    if args.scratch is not None and not Path(args.scratch).is_dir():
+        raise SctError(f"--scratch {args.scratch}: not an existing directory")
+    profile = load_profile(args.profile, args.budget)  # a bad profile or budget fails here, before any child
     spec = BenchSpec(args.preset, args.rank, args.profile, args.budget, args.steps, args.workload, args.batch,
-                     args.seq, args.micro_batches, args.store, args.threads)
-    spec.config()  # bad presets and ranks fail here, before any child starts
-    if args.engine != "both":
+                     args.seq, args.micro_batches, args.store, args.scratch, args.threads, args.peak_flops, args.trace)
+    spec.config()  # bad presets, ranks and stores fail here, before any child starts
+    if spec.peak_flops is None:
+        spec.peak_flops = gemm_peak(args.threads or profile.usable_threads()).flops_per_s
+    runners = {"streamed": run_streamed, "reference": run_reference, "plain": run_plain}
+    if args.engine in runners:
         if args.cap:
-            raise SctError("--cap needs --engine both (the cap applies to a child process)")
-        result = (run_streamed if args.engine == "streamed" else run_reference)(spec)
-        print(json.dumps({"preset": spec.preset, "rank": spec.rank, "workload": spec.workload, **result}))
+            raise SctError("--cap needs --engine both or all (the cap applies to a child process)")
+        # The in-memory baselines run as a plain PyTorch program would: torch's and glibc's own settings.
+        configure_process(ProcessSettings.for_profile(profile, args.threads) if args.engine == "streamed"
+                          else ProcessSettings(threads=args.threads))
+        result = runners[args.engine](spec)
+        print(json.dumps({"preset": None if spec.store else spec.preset, "store": spec.store, "rank": spec.rank,
+                          "workload": spec.workload, "batch": spec.batch, "seq": spec.seq, **result}))
         return 0
-    reference = run_child(spec, "reference", [])
+    lines = [run_child(spec, "reference", [])]
+    if args.engine == "all":
+        lines.append(run_child(spec, "plain", []))
     if args.cap:
         with memory_cap(args.cap) as cap:
             streamed = run_child(spec, "streamed", cap.prefix)
             streamed.update(cap.read_usage(), cap=args.cap)
     else:
         streamed = run_child(spec, "streamed", [])
-    lines = [streamed, reference]
-    if "error" not in streamed and "error" not in reference:
-        ratio = {"step_s_ratio": streamed["step_s"] / reference["step_s"],
-                 "peak_rss_ratio": streamed["peak_rss_bytes"] / reference["peak_rss_bytes"]}
-        lines.append({"engine": "ratio", **ratio})
+    lines.insert(0, streamed)
+    by_engine = {line["engine"]: line for line in lines if "error" not in line}
+    for numerator, denominator in (("streamed", "reference"), ("streamed", "plain"), ("reference", "plain")):
+        if numerator in by_engine and denominator in by_engine:
+            a, b = by_engine[numerator], by_engine[denominator]
+            lines.append({"engine": "ratio", "of": f"{numerator}/{denominator}",
+                          "step_s_ratio": a["step_s"] / b["step_s"],
+                          "peak_rss_ratio": a["peak_rss_bytes"] / b["peak_rss_bytes"]})
     for line in lines:
         print(json.dumps(line) if args.json else _human(line))
     if not args.json:
+        print(f"GEMM peak   {spec.peak_flops / 1e9:.1f} GFLOP/s (fp32 square products, measured at the start)")
         print("command:", shlex.join(["sct-edge", "bench", "step", *_argv(args)]))
     return 0 if all("error" not in line for line in lines) else 1
 
 
 def _human(line: dict) -> str:
     if line["engine"] == "ratio":
-        return f"ratio       step time {line['step_s_ratio']:.3f}x   peak RSS {line['peak_rss_ratio']:.3f}x"
+        return (f"ratio       {line['of']:<18} step time {line['step_s_ratio']:.3f}x   "
+                f"peak RSS {line['peak_rss_ratio']:.3f}x")
     if "error" in line:
         return f"{line['engine']:<11} failed: {line['error']}"
     phases = " ".join(f"{k} {v:.3f}" for k, v in line["phase_s"].items())
+    mfu = "" if line.get("mfu") is None else f"  MFU {line['mfu']:.1%}"
     return (f"{line['engine']:<11} step {line['step_s']:.3f} s (first {line['first_step_s']:.3f} s)  "
+            f"{line['tokens_per_s']:,.1f} tok/s  {line['flops_per_s'] / 1e9:.1f} GFLOP/s{mfu}  "
             f"peak RSS {line['peak_rss_bytes'] / 2**20:,.0f} MiB  read {line['bytes_read'] / 1e9:.2f} GB  "
             f"written {line['bytes_written'] / 1e9:.2f} GB  ortho {line['ortho_err']:.2e}  {phases}")
 
 
 def _argv(args: argparse.Namespace) -> list[str]:
     out = []
-    for key in ("preset", "rank", "profile", "budget", "steps", "workload", "batch", "seq", "micro_batches",
-                "engine", "cap"):
+    for key in ("preset", "store", "rank", "profile", "budget", "steps", "workload", "batch", "seq", "micro_batches",
+                "threads", "engine", "cap"):
         value = getattr(args, key)
         if value is not None:
             out += [f"--{key.replace('_', '-')}", str(value)]

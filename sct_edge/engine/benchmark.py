@@ -5,12 +5,19 @@ mark, VmHWM) is its own; the parent prints both JSON lines and their ratios from
 
 Workloads: `seed` is the seeds' 70B-class step (decoder blocks only, attention simplified to o(q + k + v),
 random hidden states of batch × seq, loss = their sum); `lm` is the real model on random tokens.
+
+The model is a preset (a fresh store is created in a scratch directory) or an existing store, such as an
+imported model, which is copied into the scratch directory first so the benchmark never changes it. Every
+line reports the step's model FLOPs (`sct_edge.engine.flops`), the FLOP/s achieved and the MFU against the
+fp32 GEMM peak measured once at the start of the invocation. `plain` is a plain PyTorch loop of the same
+model made dense (`sct_edge.engine.plain_loop`), for the ratios at real batch sizes.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -22,6 +29,8 @@ from pathlib import Path
 import torch
 
 from sct_edge.engine.adamw import OptimConfig
+from sct_edge.engine.flops import mfu, training_step_flops
+from sct_edge.errors import SctError
 from sct_edge.events import memory_snapshot
 from sct_edge.model.config import ModelConfig, RankPolicy, get_preset
 
@@ -37,11 +46,21 @@ class BenchSpec:
     batch: int
     seq: int
     micro_batches: int
-    store: str | None
+    store: str | None  # an existing store to benchmark (copied first), instead of the preset
+    scratch: str | None  # where the temporary store goes (default: the system's temp directory)
     threads: int | None
+    peak_flops: float | None = None  # the GEMM peak MFU is computed against, measured by the parent
+    trace: str | None = None  # directory for a torch.profiler trace of the last step
 
     def config(self) -> ModelConfig:
-        config = get_preset(self.preset)
+        if self.store is not None:
+            from sct_edge.store.store import Store
+
+            if self.rank is not None:
+                raise SctError("--rank applies to presets; an existing store keeps its own ranks")
+            config = Store.open(self.store).config
+        else:
+            config = get_preset(self.preset)
         if self.rank is not None:
             config = config.with_ranks(RankPolicy.uniform(self.rank))
         if self.workload == "seed":
@@ -61,18 +80,57 @@ def micro_batches(spec: BenchSpec, config: ModelConfig, step: int) -> list:
     ]
 
 
-def summarise(step_times: list[float], phases: list[dict], extra: dict) -> dict:
+def summarise(spec: BenchSpec, config: ModelConfig, step_times: list[float], phases: list[dict], extra: dict) -> dict:
     steady = step_times[1:] or step_times
     keys = sorted({k for p in phases for k in p})
     steady_phases = phases[1:] or phases
+    step_s = statistics.median(steady)
+    flops = training_step_flops(config, spec.batch, spec.seq, spec.micro_batches, spec.workload)
+    tokens = spec.batch * spec.seq * spec.micro_batches
     return {
-        "step_s": statistics.median(steady),
+        "step_s": step_s,
         "first_step_s": step_times[0],
         "steps": len(step_times),
         "phase_s": {k: statistics.median(p.get(k, 0.0) for p in steady_phases) for k in keys},
         "peak_rss_bytes": memory_snapshot()["peak_rss_bytes"],
+        "tokens_per_s": tokens / step_s,
+        "model_flops": flops,
+        "flops_per_s": flops / step_s,
+        "gemm_peak_flops": spec.peak_flops,
+        "mfu": None if spec.peak_flops is None else mfu(flops, step_s, spec.peak_flops),
+        "threads": torch.get_num_threads(),
         **extra,
     }
+
+
+def timed_steps(spec: BenchSpec, config: ModelConfig, engine: str, step_fn) -> tuple[list[float], list]:
+    """Run `step_fn(batches, step)` for each step; the last one under torch.profiler when `spec.trace` is set."""
+    times, results = [], []
+    for step in range(1, spec.steps + 1):
+        batches = micro_batches(spec, config, step)
+        traced = spec.trace is not None and step == spec.steps
+        profiler = torch.profiler.profile(record_shapes=True) if traced else None
+        t0 = time.perf_counter()
+        if profiler is not None:
+            with profiler:
+                results.append(step_fn(batches, step))
+        else:
+            results.append(step_fn(batches, step))
+        times.append(time.perf_counter() - t0)
+        if profiler is not None:
+            write_trace(profiler, Path(spec.trace), engine)
+    return times, results
+
+
+def write_trace(profiler, directory: Path, engine: str) -> None:
+    """The chrome trace (`ENGINE.trace.json`) and the top ops by self CPU time (`ENGINE.top.txt`)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    profiler.export_chrome_trace(str(directory / f"{engine}.trace.json"))
+    averages = profiler.key_averages()
+    table = averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60)
+    by_shape = profiler.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60, max_shapes_column_width=80)
+    (directory / f"{engine}.top.txt").write_text(table + "\n\nby input shape:\n" + by_shape)
 
 
 def run_streamed(spec: BenchSpec) -> dict:
@@ -82,27 +140,25 @@ def run_streamed(spec: BenchSpec) -> dict:
     from sct_edge.store.store import Store
 
     profile = load_profile(spec.profile, spec.budget)
-    torch.set_num_threads(spec.threads or profile.usable_threads())
     config = spec.config()
-    with tempfile.TemporaryDirectory(dir=spec.store) as tmp:
+    with tempfile.TemporaryDirectory(dir=spec.scratch) as tmp:
         started = time.perf_counter()
-        store = Store.create(Path(tmp) / "store", config, seed=0, state_dtype=getattr(torch, profile.state_dtype))
+        if spec.store is not None:
+            # The benchmark's steps update the weights: they run on a copy, the original stays as it is.
+            shutil.copytree(spec.store, Path(tmp) / "store")
+            store = Store.open(Path(tmp) / "store")
+        else:
+            store = Store.create(Path(tmp) / "store", config, seed=0, state_dtype=getattr(torch, profile.state_dtype))
         create_s = time.perf_counter() - started
         plan = make_plan(config, profile, spec.batch, spec.seq, spec.micro_batches, spec.workload)
         engine = Engine(store, plan, OptimConfig(), resolve_device(profile))
-        times, phases, reads, writes = [], [], [], []
-        ortho = 0.0
-        for step in range(1, spec.steps + 1):
-            batches = micro_batches(spec, config, step)
-            t0 = time.perf_counter()
-            result = engine.train_step(batches, step)
-            times.append(time.perf_counter() - t0)
-            phases.append(result.phase_s)
-            reads.append(result.bytes_read)
-            writes.append(result.bytes_written)
-            ortho = result.ortho_err
+        times, results = timed_steps(spec, config, "streamed", engine.train_step)
         engine.close()
-        return summarise(times, phases, {
+        phases = [r.phase_s for r in results]
+        reads = [r.bytes_read for r in results]
+        writes = [r.bytes_written for r in results]
+        ortho = results[-1].ortho_err
+        return summarise(spec, config, times, phases, {
             "engine": "streamed", "bytes_read": statistics.median(reads[1:] or reads),
             "bytes_written": statistics.median(writes[1:] or writes), "ortho_err": ortho,
             "resident_blocks": plan.resident_blocks, "n_blocks": config.n_layers,
@@ -116,19 +172,27 @@ def run_reference(spec: BenchSpec) -> dict:
     from sct_edge.model.retraction import orthonormality_error
     from sct_edge.model.transformer import Transformer
 
-    torch.set_num_threads(spec.threads or torch.get_num_threads())
     config = spec.config()
     model = Transformer(config)
     step_engine = InMemoryStep(model, OptimConfig(), workload=spec.workload)
-    times, phases = [], []
-    for step in range(1, spec.steps + 1):
-        batches = micro_batches(spec, config, step)
-        t0 = time.perf_counter()
-        step_engine.step(batches)
-        times.append(time.perf_counter() - t0)
-        phases.append({})
-    ortho = max(orthonormality_error(p.detach()) for n, p in model.named_parameters() if n.endswith((".U", ".V")))
-    return summarise(times, phases, {"engine": "reference", "bytes_read": 0, "bytes_written": 0, "ortho_err": ortho})
+    times, _ = timed_steps(spec, config, "reference", lambda batches, step: step_engine.step(batches))
+    factors = [p.detach() for n, p in model.named_parameters() if n.endswith((".U", ".V"))]
+    ortho = max((orthonormality_error(f) for f in factors), default=0.0)
+    return summarise(spec, config, times, [{}] * len(times),
+                     {"engine": "reference", "bytes_read": 0, "bytes_written": 0, "ortho_err": ortho})
+
+
+def run_plain(spec: BenchSpec) -> dict:
+    from sct_edge.engine.plain_loop import PlainLoop
+    from sct_edge.model.transformer import dense_config
+
+    if spec.workload != "lm":
+        raise SctError("the plain loop runs the real model: it needs --workload lm")
+    config = dense_config(spec.config())
+    loop = PlainLoop(config)
+    times, _ = timed_steps(spec, config, "plain", lambda batches, step: loop.step(batches))
+    return summarise(spec, config, times, [{}] * len(times),
+                     {"engine": "plain", "bytes_read": 0, "bytes_written": 0, "ortho_err": 0.0})
 
 
 def child_command(spec: BenchSpec, engine: str) -> list[str]:
@@ -137,7 +201,8 @@ def child_command(spec: BenchSpec, engine: str) -> list[str]:
            "--workload", spec.workload, "--batch", str(spec.batch), "--seq", str(spec.seq),
            "--micro-batches", str(spec.micro_batches)]
     for flag, value in (("--rank", spec.rank), ("--budget", spec.budget), ("--store", spec.store),
-                        ("--threads", spec.threads)):
+                        ("--scratch", spec.scratch), ("--threads", spec.threads), ("--peak-flops", spec.peak_flops),
+                        ("--trace", spec.trace)):
         if value is not None:
             cmd += [flag, str(value)]
     return cmd

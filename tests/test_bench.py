@@ -1,0 +1,118 @@
+"""`sct-edge bench step` and its FLOP accounting: model FLOPs by hand, MFU fields, existing stores, bad input.
+
+No timing claims: these run one or two steps of the tiny preset and check what is reported, not how fast.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sct_edge.cli import main
+from sct_edge.engine.flops import attention_flops, forward_flops_per_sequence, gemm_peak, mfu, training_step_flops
+from sct_edge.model.config import RankPolicy, get_preset
+from sct_edge.model.transformer import dense_config
+from sct_edge.store.store import MANIFEST, Store
+
+
+def test_forward_flops_of_a_dense_model_are_twice_its_matrix_parameters_plus_attention():
+    config = dense_config(get_preset("smollm2-135m"))
+    d, kv, f, vocab, seq = config.dim, config.kv_dim, config.ffn_dim, config.vocab_size, 256
+    per_block = 2 * (d * d * 2 + d * kv * 2 + 3 * d * f)
+    # Causal: position t sees t + 1 keys; Q Kᵀ and A V are 2·d_head FLOPs per head and key each.
+    attention = 4 * config.n_heads * config.head_dim * sum(t + 1 for t in range(seq))
+    head = 2 * d * vocab  # tied: the lookup is free, the head is one dense product
+    expected = config.n_layers * (seq * per_block + attention) + seq * head
+    assert forward_flops_per_sequence(config, seq) == expected
+    assert training_step_flops(config, 4, seq, micro_batches=2) == 3 * 8 * expected
+
+
+def test_spectral_flops_count_the_three_products_and_the_embedding_projection():
+    config = get_preset("tiny").with_ranks(RankPolicy.uniform(8))
+    d, kv, f, vocab = config.dim, config.kv_dim, config.ffn_dim, config.vocab_size
+    per_block = 2 * 8 * ((d + d) * 2 + (d + kv) * 2 + 3 * (d + f))
+    expected = config.n_layers * (per_block + attention_flops(config, 1)) + 2 * 8 * d + 2 * 8 * (d + vocab)
+    assert forward_flops_per_sequence(config, 1) == expected
+
+
+def test_the_seed_workload_counts_blocks_only():
+    config = get_preset("sct-70b")
+    config.attention = "seed"
+    d, f = config.dim, config.ffn_dim
+    assert attention_flops(config, 8) == 0
+    assert training_step_flops(config, 1, 8, workload="seed") == 3 * 8 * 80 * 2 * 32 * (4 * 2 * d + 3 * (d + f))
+
+
+def test_gemm_peak_measures_every_size_and_restores_the_thread_count():
+    import torch
+
+    before = torch.get_num_threads()
+    peak = gemm_peak(threads=1, sizes=(64, 128), repeats=2)
+    assert set(peak.per_size) == {64, 128} and peak.flops_per_s == max(peak.per_size.values()) > 0
+    assert peak.threads == 1 and torch.get_num_threads() == before
+    assert mfu(10**9, 2.0, 10**9) == 0.5
+
+
+def bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sct_edge", "bench", "step", *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+def bench_here(capsys, *args: str) -> tuple[int, str, str]:
+    """`sct-edge bench step ARGS` in this process (single-engine runs start no child): rc, stdout, stderr."""
+    rc = main(["bench", "step", *args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_a_missing_store_is_a_one_line_error(tmp_path, capsys):
+    rc, _, err = bench_here(capsys, "--store", str(tmp_path / "nope"), "--workload", "lm", "--peak-flops", "1e9")
+    assert rc == 2
+    assert err.strip().splitlines() == [f"sct-edge: error: store {tmp_path / 'nope'} does not exist"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch", "0"], "--batch must be at least 1"),
+    (["--engine", "plain"], "--workload lm"),
+    (["--scratch", "/nonexistent-dir"], "not an existing directory"),
+])
+def test_bad_arguments_are_one_line_errors(args, message, capsys):
+    rc, _, err = bench_here(capsys, "--preset", "tiny", "--peak-flops", "1e9", *args)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and message in err
+
+
+def test_an_existing_store_is_benchmarked_on_a_copy_and_reports_mfu(tmp_path, capsys):
+    config = get_preset("tiny")
+    Store.create(tmp_path / "store", config, seed=5)
+    manifest = (tmp_path / "store" / MANIFEST).read_bytes()
+    files = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "store").iterdir()}
+    rc, out, err = bench_here(capsys, "--store", str(tmp_path / "store"), "--workload", "lm", "--batch", "2", "--seq",
+                              "16", "--steps", "1", "--profile", "ci", "--engine", "streamed", "--peak-flops", "1e9",
+                              "--scratch", str(tmp_path))
+    assert rc == 0, err
+    line = json.loads(out.strip().splitlines()[-1])
+    assert line["store"] == str(tmp_path / "store") and line["engine"] == "streamed"
+    assert line["model_flops"] == training_step_flops(config, 2, 16)
+    assert line["mfu"] == pytest.approx(line["model_flops"] / line["step_s"] / 1e9)
+    assert line["tokens_per_s"] == pytest.approx(32 / line["step_s"])
+    # The steps ran on a copy: the store's files are exactly as they were, and no scratch copy is left.
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "store").iterdir()} == files
+    assert (tmp_path / "store" / MANIFEST).read_bytes() == manifest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
+def test_all_engines_report_ratios_to_the_plain_loop(tmp_path):
+    done = bench("--preset", "tiny", "--workload", "lm", "--batch", "1", "--seq", "8", "--steps", "1", "--profile",
+                 "ci", "--engine", "all", "--json", "--peak-flops", "1e9", "--trace", str(tmp_path / "trace"))
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(x) for x in done.stdout.strip().splitlines()]
+    assert [x["engine"] for x in lines] == ["streamed", "reference", "plain", "ratio", "ratio", "ratio"]
+    assert [x["of"] for x in lines[3:]] == ["streamed/reference", "streamed/plain", "reference/plain"]
+    assert all(x["mfu"] > 0 and x["gemm_peak_flops"] == 1e9 for x in lines[:3])
+    assert lines[2]["model_flops"] == training_step_flops(dense_config(get_preset("tiny")), 1, 8)
+    for engine in ("streamed", "reference", "plain"):
+        assert "aten::mm" in (tmp_path / "trace" / f"{engine}.top.txt").read_text()
+        assert (tmp_path / "trace" / f"{engine}.trace.json").stat().st_size > 0
