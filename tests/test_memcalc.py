@@ -13,6 +13,7 @@ from sct_edge.cli import main
 from sct_edge.events import SCHEMA_VERSION, Event, StartEvent, StepEvent, event_to_json
 from sct_edge.model.accounting import GB, MB
 from sct_edge.model.config import RankPolicy, get_preset
+from sct_edge.store.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference" / "seed_numbers.json"
@@ -161,9 +162,7 @@ def test_budget_and_speed_flags(capsys):
 
 
 def write_store(store: Path, ranks: RankPolicy) -> Path:
-    store.mkdir()
-    config = get_preset("tiny").with_ranks(ranks)
-    (store / "manifest.json").write_text(json.dumps({"format": 1, "config": config.to_dict(), "step": 0}))
+    Store.create(store, get_preset("tiny").with_ranks(ranks)).close()
     return store
 
 
@@ -181,7 +180,11 @@ def test_store_manifest_and_energy(capsys, tmp_path):
     assert "no manifest.json" in memcalc_error(capsys, "--store", str(tmp_path))
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "manifest.json").write_text("{}")
-    assert 'no "config" object' in memcalc_error(capsys, "--store", str(tmp_path / "bad"))
+    assert "not an sct-edge store manifest" in memcalc_error(capsys, "--store", str(tmp_path / "bad"))
+    # memcalc reads a store through the store's one manifest reader, format version check included
+    manifest = json.loads((store / "manifest.json").read_text())
+    (store / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    assert "store format version 99" in memcalc_error(capsys, "--store", str(store), "--energy", "0.95")
 
 
 def write_run(tmp_path: Path, predicted: dict, scale: float) -> Path:

@@ -21,9 +21,9 @@ from sct_edge.cli import main as cli_main
 from sct_edge.errors import SctError
 from sct_edge.model.config import ModelConfig, RankPolicy, get_preset
 from sct_edge.model.transformer import Transformer
-from sct_edge.store import store as store_module
+from sct_edge.store.shard_names import param_prefix
 from sct_edge.store.shardfile import crc32_combine, crc32_zeros
-from sct_edge.store.store import MANIFEST, Store, initial_tensors, param_prefix
+from sct_edge.store.store import MANIFEST, Store, initial_tensors
 
 
 def tiny() -> ModelConfig:
@@ -238,8 +238,8 @@ def test_disk_use_stays_within_twice_the_store(tmp_path):
             assert pending_total <= 2 * size + 4096
             store.commit(store.step + 1)
             assert sum(p.stat().st_size for p in path.iterdir()) <= size + 4096
-        # the process-wide record of checksummed files keeps one entry per live file, not one per step
-        remembered = [k for k in store_module._VERIFIED if k.startswith(str(path))]
+        # the store's record of checksummed files keeps one entry per live file, not one per step
+        remembered = store.checksums.paths()
         assert len(remembered) <= len(store.shard_names())
 
 
@@ -441,6 +441,22 @@ CORRUPTIONS = {
         lambda p, t: edit_manifest(p, lambda d: d["shards"].pop("block.003")),
     ),
     "corrupt tokenizer": ("tokenizer", "checksum mismatch", lambda p, t: flip_byte(p / "tokenizer.json", 3)),
+    # A store shared by someone else must not point sct-edge at a file outside it.
+    "tokenizer path leaves the store": (
+        "manifest.json: the tokenizer entry names an invalid file '../../x'",
+        "",
+        lambda p, t: edit_manifest(p, lambda d: d["tokenizer"].update(file="../../x")),
+    ),
+    "tokenizer path absolute": (
+        "manifest.json: the tokenizer entry names an invalid file '/etc/hostname'",
+        "",
+        lambda p, t: edit_manifest(p, lambda d: d["tokenizer"].update(file="/etc/hostname")),
+    ),
+    "tokenizer path is the parent": (
+        "manifest.json: the tokenizer entry names an invalid file '..'",
+        "",
+        lambda p, t: edit_manifest(p, lambda d: d["tokenizer"].update(file="..")),
+    ),
 }
 
 

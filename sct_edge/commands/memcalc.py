@@ -31,6 +31,7 @@ from sct_edge.errors import SctError
 from sct_edge.events import Event, StartEvent, StepEvent, parse_event
 from sct_edge.model.accounting import GB, MB, count_params, format_bytes, mlp_layer_table, train_bytes
 from sct_edge.model.config import ModelConfig, RankPolicy, get_preset
+from sct_edge.store.manifest_file import MANIFEST, manifest_config, read_manifest
 
 PUBLISHED_RANK = 32  # the rank of the seeds' per-layer table
 CHART_WIDTH = 48
@@ -122,22 +123,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def read_store_config(store: Path) -> ModelConfig:
-    """The `config` field of a store's manifest.json (nothing else of the store is read)."""
-    manifest = store / "manifest.json"
-    if not store.is_dir():
-        raise SctError(f"store {store} is not a directory")
-    if not manifest.is_file():
-        raise SctError(f"store {store} has no manifest.json")
-    try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise SctError(f"{manifest}: not readable JSON ({error})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
-        raise SctError(f'{manifest}: no "config" object')
-    try:
-        return ModelConfig.from_dict(data["config"])
-    except TypeError as error:
-        raise SctError(f"{manifest}: bad config ({error})") from None
+    """The model config of a store, from its manifest (checked as `Store.open` checks it; no shard is read)."""
+    return manifest_config(read_manifest(store), str(store / MANIFEST))
 
 
 @dataclass

@@ -21,7 +21,8 @@ from sct_edge.convert.source_model import expected_shapes
 from sct_edge.convert.tokenizer import tokenizer_from_json
 from sct_edge.errors import SctError
 from sct_edge.model.transformer import Transformer
-from sct_edge.store.store import MANIFEST, Store, block_shard, param_prefix
+from sct_edge.store.shard_names import block_shard, param_prefix
+from sct_edge.store.store import MANIFEST, Store
 
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

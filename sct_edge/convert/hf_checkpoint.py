@@ -8,7 +8,6 @@ Hugging Face's layout is sct-edge's (nn.Linear out x in, rotate-half RoPE): only
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
 from collections.abc import Iterable
@@ -21,6 +20,7 @@ from sct_edge.convert.source_model import SourceModel, check_shapes, expected_sh
 from sct_edge.convert.tokenizer import BPETokenizer, Tokenizer, hf_tokenizer_json, tokenizer_from_hf_json
 from sct_edge.errors import SctError
 from sct_edge.model.config import ModelConfig
+from sct_edge.store.atomic import fsync_dir, publish
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -298,8 +298,9 @@ class _ShardWriter:
         weight_map: dict[str, str] = {}
         for i, (tmp, names) in enumerate(self.finished):
             final = SINGLE_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(tmp, self.directory / final)
+            publish(tmp, self.directory / final)
             weight_map.update(dict.fromkeys(names, final))
+        fsync_dir(self.directory)
         return weight_map
 
     def abort(self) -> None:

@@ -229,14 +229,6 @@ def write_shard(
     return WrittenShard(len(header) + data_len, crc32_combine(zlib.crc32(final), data_crc, data_len))
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def is_no_space(error: OSError) -> bool:
     return error.errno in (errno.ENOSPC, errno.EDQUOT)
 

@@ -46,8 +46,9 @@ Public API (what the scheduler and trainer call):
 An importer passes `tensors=` (a function shard name -> weights) to `create` and puts its per-matrix report in
 `extra={"import_report": [{"matrix", "shape", "rank", "kept_energy", "rel_error", "svd"}, ...]}`; `inspect`
 shows it.
-Helpers: block_shard(i), optim_shard(name), param_prefix(name), store_layout(config, state_dtype),
-initial_tensors(config, seed, name).
+Helpers: store_layout(config, state_dtype), initial_tensors(config, seed, name); shard names and file names
+are built and parsed by `sct_edge.store.shard_names`, the manifest read by `sct_edge.store.manifest_file`,
+files replaced by `sct_edge.store.atomic`, checksummed file versions remembered by the store's `ChecksumCache`.
 """
 
 from __future__ import annotations
@@ -58,7 +59,6 @@ import fcntl
 import json
 import os
 import re
-import secrets
 import shutil
 import threading
 import time
@@ -78,6 +78,24 @@ from sct_edge.convert.tokenizer import ByteTokenizer
 from sct_edge.errors import SctError
 from sct_edge.model.config import ModelConfig
 from sct_edge.model.transformer import Block, RMSNorm, build_embedding, build_head
+from sct_edge.store.atomic import atomic_write, fsync_dir, temporary_name
+from sct_edge.store.checksum_cache import ChecksumCache
+from sct_edge.store.manifest_file import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    manifest_config,
+    parse_manifest,
+    read_manifest_bytes,
+)
+from sct_edge.store.shard_names import (
+    block_index,
+    block_shard,
+    is_optim,
+    optim_shard,
+    parse_shard_file,
+    shard_file_name,
+)
 from sct_edge.store.shardfile import (
     DTYPE_NAMES,
     DTYPES,
@@ -86,45 +104,21 @@ from sct_edge.store.shardfile import (
     ShardId,
     TensorSpec,
     file_crc32,
-    fsync_dir,
     is_no_space,
     read_header,
     write_shard,
 )
 
-FORMAT = "sct-edge-store"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
 LOCK = "lock"
+PREPARED = "manifest.prepared.json"  # phase one of a commit shared with other replicas (see `prepare_commit`)
 STATE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
-_SHARD_FILE = re.compile(r"^(embed|head|block\.\d+)(\.optim)?\.v\d+\.safetensors$")
 _TMP_FILE = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
-_BLOCK = re.compile(r"^block\.(\d+)$")
-
-# Files whose full checksum this process has seen match: path -> (device, inode, size, mtime_ns, crc32). One
-# entry per path, dropped when the store deletes the file, so a long run does not accumulate them.
-_VERIFIED: dict[str, tuple] = {}
-_VERIFIED_LOCK = threading.Lock()
 
 
 # --------------------------------------------------------------------------------------------- layout
-
-
-def block_shard(layer: int) -> str:
-    return f"block.{layer:03d}"
-
-
-def optim_shard(name: str) -> str:
-    return f"{name}.optim"
-
-
-def param_prefix(name: str) -> str:
-    """What turns a key of shard `name` into the model-level parameter name ("layers.3." for block.003)."""
-    match = _BLOCK.match(name.removesuffix(".optim"))
-    return f"layers.{int(match.group(1))}." if match else ""
 
 
 def _spec(t: Tensor) -> TensorSpec:
@@ -165,10 +159,10 @@ def initial_tensors(config: ModelConfig, seed: int, name: str) -> dict[str, Tens
         if module is not None:
             tensors.update({f"head.{k}": v for k, v in module.state_dict().items()})
         return tensors
-    match = _BLOCK.match(name)
-    if not match:
+    layer = block_index(name)
+    if layer is None or is_optim(name):
         raise SctError(f"unknown weights shard '{name}'")
-    return Block(config, int(match.group(1)), seed).state_dict()
+    return Block(config, layer, seed).state_dict()
 
 
 # -------------------------------------------------------------------------------------------- manifest
@@ -209,8 +203,6 @@ class ShardEntry:
             )
         except (KeyError, TypeError, ValueError, AttributeError):
             raise SctError(f"{label}: entry for shard {name} is malformed") from None
-        if Path(entry.file).name != entry.file or not _SHARD_FILE.match(entry.file):
-            raise SctError(f"{label}: shard {name} names an invalid file '{entry.file}'")
         return entry
 
 
@@ -253,29 +245,9 @@ class Manifest:
 
     @classmethod
     def parse(cls, raw: bytes, label: str) -> Manifest:
+        data = parse_manifest(raw, label)
+        config = manifest_config(data, label)
         try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise SctError(f"{label}: not valid JSON (the manifest is corrupt)") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise SctError(f'{label}: not an sct-edge store manifest (no "format": "{FORMAT}")')
-        version = data.get("format_version")
-        if not isinstance(version, int):
-            raise SctError(f"{label}: format_version is missing or not an integer")
-        if version > FORMAT_VERSION:
-            raise SctError(
-                f"{label}: store format version {version} was written by a newer sct-edge "
-                f"({data.get('written_by', 'unknown')}); this sct-edge {SCT_EDGE_VERSION} reads format "
-                f"version {FORMAT_VERSION}: upgrade sct-edge"
-            )
-        if version < FORMAT_VERSION:
-            raise SctError(
-                f"{label}: store format version {version} predates format version 1, the first this "
-                f"sct-edge reads; no conversion exists: re-create or re-import the store"
-            )
-        try:
-            config = ModelConfig.from_dict(data["config"])
-            config.validate()
             state_dtype = data["state_dtype"]
             if state_dtype not in STATE_DTYPES:
                 raise SctError(f"state_dtype '{state_dtype}' is not one of {', '.join(STATE_DTYPES)}")
@@ -338,54 +310,12 @@ def _spec_difference(found: dict[str, TensorSpec], expected: dict[str, TensorSpe
 # ------------------------------------------------------------------------------------------- file helpers
 
 
-def _tmp_name(final: str) -> str:
-    return f".{final}.{secrets.token_hex(4)}.tmp"
-
-
-def _atomic_write(directory: Path, name: str, data: bytes) -> None:
-    """Replace `directory/name` by `data` atomically and durably (temp file, fsync, rename, fsync dir)."""
-    tmp = directory / _tmp_name(name)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, directory / name)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    fsync_dir(directory)
-
-
 def _io_problem(error: OSError) -> str:
     if is_no_space(error):
         return "no space left on device"
     if error.errno == errno.EFBIG:
         return "file too large (file size limit reached)"
     return error.strerror or str(error)
-
-
-def _identity(st: os.stat_result, crc: int) -> tuple:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, crc)
-
-
-def _mark_verified(path: Path, st: os.stat_result, crc: int) -> None:
-    with _VERIFIED_LOCK:
-        _VERIFIED[str(path)] = _identity(st, crc)
-
-
-def _is_verified(path: Path, st: os.stat_result, crc: int) -> bool:
-    with _VERIFIED_LOCK:
-        return _VERIFIED.get(str(path)) == _identity(st, crc)
-
-
-def _delete(path: Path) -> None:
-    """Delete a store file (gone already is fine) and forget that it was verified."""
-    with suppress(FileNotFoundError):
-        os.unlink(path)
-    with _VERIFIED_LOCK:
-        _VERIFIED.pop(str(path), None)
 
 
 @dataclass
@@ -413,11 +343,13 @@ class CreateStats:
 class Store:
     """An open store. Create with `Store.create`, open with `Store.open`; see the module docstring."""
 
-    def __init__(self, path: Path, manifest: Manifest, raw: bytes) -> None:
+    def __init__(self, path: Path, manifest: Manifest, raw: bytes, checksums: ChecksumCache | None = None) -> None:
         self.path = path
+        self.checksums = checksums or ChecksumCache()  # the file versions whose crc32 this store has checked
         self._manifest = manifest
         self._raw = raw
         self._pending: dict[str, ShardEntry] = {}
+        self._prepared: Manifest | None = None  # a prepared commit, made current by `finish_prepared`
         self._maps: dict[str, MappedShard] = {}
         self._mutex = threading.RLock()
         self._write_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
@@ -430,38 +362,24 @@ class Store:
     # ---------------------------------------------------------------- opening
 
     @classmethod
-    def open(cls, path: str | Path) -> Store:
-        """Open an existing store with cheap checks: manifest, format, every shard's size and header."""
+    def open(cls, path: str | Path, checksums: ChecksumCache | None = None) -> Store:
+        """Open an existing store with cheap checks: manifest, format, every shard's size and header.
+
+        `checksums`: a cache shared with other stores opened on the same files (default: the store's own)."""
         path = Path(path)
-        raw = cls._read_manifest(path)
-        store = cls(path, Manifest.parse(raw, str(path / MANIFEST)), raw)
+        raw = read_manifest_bytes(path)
+        store = cls(path, Manifest.parse(raw, str(path / MANIFEST)), raw, checksums)
         try:
             store._check_files()
         except SctError:
             # A writer committing right now deletes the versions its new manifest supersedes: if the manifest
             # changed under us, check the new one; a store that is really broken fails this second check too.
-            again = cls._read_manifest(path)
+            again = read_manifest_bytes(path)
             if again == raw:
                 raise
-            store = cls(path, Manifest.parse(again, str(path / MANIFEST)), again)
+            store = cls(path, Manifest.parse(again, str(path / MANIFEST)), again, store.checksums)
             store._check_files()
         return store
-
-    @staticmethod
-    def _read_manifest(path: Path) -> bytes:
-        if not path.is_dir():
-            raise SctError(f"store {path} does not exist" if not path.exists() else f"store {path} is not a directory")
-        try:
-            return (path / MANIFEST).read_bytes()
-        except FileNotFoundError:
-            if any(_SHARD_FILE.match(p.name) for p in path.iterdir()):
-                raise SctError(
-                    f"{path} has shard files but no {MANIFEST}: a store creation was interrupted; "
-                    f"delete the directory and create the store again"
-                ) from None
-            raise SctError(f"{path} is not an sct-edge store (no {MANIFEST})") from None
-        except OSError as error:
-            raise SctError(f"{path / MANIFEST}: cannot read: {error.strerror}") from None
 
     def _label(self, name: str, entry: ShardEntry) -> str:
         return f"shard {name} ({self.path / entry.file})"
@@ -620,7 +538,7 @@ class Store:
         """
         mapped, entry = self._mapping(name)
         if not mapped.verified:
-            if not _is_verified(mapped.path, mapped.stat, entry.crc32):
+            if not self.checksums.knows(mapped.path, mapped.stat, entry.crc32):
                 crc = mapped.crc32()
                 if crc != entry.crc32:
                     self.release(name)
@@ -628,7 +546,7 @@ class Store:
                         f"{self._label(name, entry)}: checksum mismatch: crc32 {crc:08x}, the manifest "
                         f"records {entry.crc32:08x} (the file is corrupt)"
                     )
-                _mark_verified(mapped.path, mapped.stat, entry.crc32)
+                self.checksums.remember(mapped.path, mapped.stat, entry.crc32)
             mapped.verified = True
         return mapped.tensors()
 
@@ -671,15 +589,31 @@ class Store:
             return False
         self._lock_fd = _take_lock(self.path)
         try:
-            raw = self._read_manifest(self.path)
+            raw = read_manifest_bytes(self.path)
             if raw != self._raw:
                 self._manifest, self._raw = Manifest.parse(raw, str(self.path / MANIFEST)), raw
                 self._check_files()
+            self._load_prepared()
             self._clean_stale()
         except BaseException:
             self._release_lock()
             raise
         return True
+
+    def _load_prepared(self) -> None:
+        """Pick up a commit a crash left prepared (its shard versions are then not crash leftovers)."""
+        try:
+            raw = (self.path / PREPARED).read_bytes()
+        except FileNotFoundError:
+            self._prepared = None
+            return
+        prepared = Manifest.parse(raw, str(self.path / PREPARED))
+        if prepared.step < self.step or prepared.generation != self._manifest.generation + 1:
+            # Left over from a commit that was finished or superseded after all: nothing to settle.
+            self._prepared = None
+            self._delete(PREPARED)
+            return
+        self._prepared = prepared
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
@@ -694,11 +628,13 @@ class Store:
     def _clean_stale(self) -> None:
         """Delete crash leftovers: temporary files and shard versions the manifest does not name."""
         referenced = {e.file for e in self._manifest.shards.values()} | {e.file for e in self._pending.values()}
+        if self._prepared is not None:
+            referenced |= {e.file for e in self._prepared.shards.values()}
         for item in os.scandir(self.path):
             if item.name in referenced or not item.is_file(follow_symlinks=False):
                 continue
-            if _SHARD_FILE.match(item.name) or _TMP_FILE.match(item.name):
-                _delete(self.path / item.name)
+            if parse_shard_file(item.name) or _TMP_FILE.match(item.name):
+                self._delete(item.name)
                 self.removed_stale.append(item.name)
 
     # ---------------------------------------------------------------- writing
@@ -731,8 +667,8 @@ class Store:
     def _write_version(
         self, name: str, kind: str, specs: dict[str, TensorSpec], tensors: dict[str, Tensor] | None, version: int
     ) -> ShardEntry:
-        file = f"{name}.v{version:06d}.safetensors"
-        tmp = self.path / _tmp_name(file)
+        file = shard_file_name(name, version)
+        tmp = self.path / temporary_name(file)
         try:
             written = write_shard(tmp, ShardId(name, kind, version), specs, tensors)
             os.replace(tmp, self.path / file)
@@ -745,7 +681,7 @@ class Store:
                 else f"the store stays at its last committed step {self.step}"
             )
             raise SctError(f"shard {name}: {_io_problem(error)} while writing {self.path / file}; {outcome}") from None
-        _mark_verified(self.path / file, os.stat(self.path / file), written.crc32)
+        self.checksums.remember(self.path / file, os.stat(self.path / file), written.crc32)
         with self._mutex:
             self.bytes_written += written.bytes
         return ShardEntry(name, kind, file, version, written.bytes, written.crc32, specs)
@@ -757,22 +693,31 @@ class Store:
         included) the store stays at its previous step and the pending versions are kept, so the commit can
         be retried after freeing space, or dropped with `discard`.
         """
+        self.prepare_commit(step, state)
+        self.finish_prepared()
+
+    def prepare_commit(self, step: int, state: dict | None = None) -> None:
+        """Phase one of a commit: the new manifest is made durable beside the current one (`PREPARED`), but
+        the store stays at its committed step until `finish_prepared` (or a restart's `abort_prepared`).
+
+        Replicas that must commit the same step together prepare, meet, and then finish; a crash between the
+        phases leaves a prepared step that the next start keeps or drops (`sct_edge.parallel.coordination`).
+        """
         self._require_lock()
         if step < self.step:
             raise SctError(f"commit step {step} is before the committed step {self.step} of store {self.path}")
         if state is not None and not isinstance(state, dict):
             raise SctError(f"commit state must be a dict, not {type(state).__name__}")
         with self._mutex:
-            pending = dict(self._pending)
             new = copy.copy(self._manifest)
-            new.shards = {**self._manifest.shards, **pending}
+            new.shards = {**self._manifest.shards, **self._pending}
             new.step, new.generation = int(step), self._manifest.generation + 1
             new.state = copy.deepcopy(self._manifest.state if state is None else state)
             new.written_by = SCT_EDGE_VERSION
             raw = new.to_bytes()
         try:
             fsync_dir(self.path)  # the renames that put the pending versions in place
-            _atomic_write(self.path, MANIFEST, raw)
+            atomic_write(self.path / PREPARED, raw)
         except OSError as error:
             raise SctError(
                 f"{self.path / MANIFEST}: {_io_problem(error)} while committing step {step}; the store "
@@ -780,12 +725,45 @@ class Store:
                 f"discard)"
             ) from None
         with self._mutex:
-            superseded = [self._manifest.shards[n].file for n in pending]
-            self._manifest, self._raw = new, raw
-            self._pending = {n: e for n, e in self._pending.items() if e is not pending.get(n)}
+            self._prepared = new
             self.bytes_written += len(raw)
+
+    def prepared_step(self) -> int | None:
+        """The step of a prepared, not yet finished commit (None when there is none)."""
+        return None if self._prepared is None else self._prepared.step
+
+    def finish_prepared(self) -> None:
+        """Phase two: the prepared manifest becomes the committed one (an atomic rename)."""
+        self._require_lock()
+        new = self._prepared
+        if new is None:
+            raise SctError(f"store {self.path} has no prepared commit to finish")
+        try:
+            os.replace(self.path / PREPARED, self.path / MANIFEST)
+            fsync_dir(self.path)
+        except OSError as error:
+            raise SctError(f"{self.path / MANIFEST}: {_io_problem(error)} while committing step {new.step}; "
+                           f"the store stays at step {self.step}") from None
+        with self._mutex:
+            superseded = [e.file for n, e in self._manifest.shards.items() if new.shards[n].file != e.file]
+            self._manifest, self._raw, self._prepared = new, new.to_bytes(), None
+            self._pending = {n: e for n, e in self._pending.items() if new.shards[n].file != e.file}
         for file in superseded:
-            _delete(self.path / file)
+            self._delete(file)
+
+    def abort_prepared(self) -> None:
+        """Drop a prepared commit and the shard versions only it names: the store stays at its committed step."""
+        self._require_lock()
+        prepared, self._prepared = self._prepared, None
+        if prepared is None:
+            return
+        self._delete(PREPARED)
+        committed = {e.file for e in self._manifest.shards.values()}
+        with self._mutex:
+            self._pending = {n: e for n, e in self._pending.items() if e.file in committed}
+        for entry in prepared.shards.values():
+            if entry.file not in committed:
+                self._delete(entry.file)
 
     def discard(self) -> None:
         """Drop every uncommitted shard version (their files are deleted; mapped views stay readable)."""
@@ -796,7 +774,13 @@ class Store:
                 if mapped is not None and mapped.path.name == entry.file:
                     self._maps.pop(name).release()
         for entry in pending.values():
-            _delete(self.path / entry.file)
+            self._delete(entry.file)
+
+    def _delete(self, file: str) -> None:
+        """Delete store file `file` (gone already is fine) and forget that it was checksummed."""
+        with suppress(FileNotFoundError):
+            os.unlink(self.path / file)
+        self.checksums.forget(self.path / file)
 
     # ---------------------------------------------------------------- integrity
 
@@ -824,7 +808,7 @@ class Store:
                 raise SctError(
                     f"{label}: data crc32 {data_crc:08x} differs from the {header.data_crc32:08x} in its own metadata"
                 )
-            _mark_verified(path, os.stat(path), crc)
+            self.checksums.remember(path, os.stat(path), crc)
         self.tokenizer_json()
         total += self._manifest.tokenizer["bytes"]
         return VerifyReport(len(self._manifest.shards), total, time.perf_counter() - start, self.step)
@@ -907,10 +891,10 @@ class Store:
         stats = CreateStats()
         try:
             data = tokenizer_json.encode()
-            _atomic_write(path, TOKENIZER, data)
+            atomic_write(path / TOKENIZER, data)
             manifest.tokenizer = {"file": TOKENIZER, "bytes": len(data), "crc32": f"{zlib.crc32(data):08x}"}
             builder._stream_shards(layout, source, stats, total, progress)
-            _atomic_write(path, MANIFEST, manifest.to_bytes())
+            atomic_write(path / MANIFEST, manifest.to_bytes())
         except BaseException:
             for item in path.iterdir():
                 if item.name != LOCK:
@@ -924,7 +908,7 @@ class Store:
                 with suppress(OSError):
                     path.rmdir()
             raise
-        store = cls.open(path)
+        store = cls.open(path, builder.checksums)
         store._lock_fd = lock_fd
         stats.seconds = time.perf_counter() - start
         stats.bytes = store.committed_bytes()

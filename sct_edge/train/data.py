@@ -36,6 +36,7 @@ import torch
 
 from sct_edge.convert.tokenizer import Tokenizer
 from sct_edge.errors import SctError
+from sct_edge.store.atomic import AtomicFile, atomic_write
 from sct_edge.train.examples import ExampleData, prepare_examples
 from sct_edge.train.jsonl import is_jsonl
 
@@ -289,25 +290,19 @@ class _TokenWriter:
     """Appends token arrays to a temporary file; `commit` makes it durable and renames it into place."""
 
     def __init__(self, path: Path, dtype: np.dtype):
-        self.path = path
-        self.tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
+        self.out = AtomicFile(path, path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}"))
         self.dtype = dtype
         self.count = 0
-        self.file = open(self.tmp, "wb")
 
     def write(self, tokens: np.ndarray) -> None:
-        self.file.write(tokens.astype(self.dtype, copy=False).tobytes())
+        self.out.write(tokens.astype(self.dtype, copy=False).tobytes())
         self.count += len(tokens)
 
     def commit(self) -> None:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.tmp, self.path)
+        self.out.commit()
 
     def discard(self) -> None:
-        self.file.close()
-        self.tmp.unlink(missing_ok=True)
+        self.out.discard()
 
 
 class _Encoder:
@@ -356,16 +351,6 @@ def _cache_key(
         "val_fraction": val_fraction,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes the renames themselves durable; directories cannot be opened this way on Windows.
-    if hasattr(os, "O_DIRECTORY"):
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _open(cache_dir: Path, meta: CorpusMeta, rebuilt: bool) -> Corpus:
@@ -474,13 +459,8 @@ def _build_cache(
         skipped_files=skipped,
         tokenize_seconds=seconds,
     )
-    tmp = cache_dir / f"{META_FILE}{TMP_MARK}{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(asdict(meta), f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, cache_dir / META_FILE)
-    _fsync_dir(cache_dir)
+    atomic_write(cache_dir / META_FILE, json.dumps(asdict(meta), indent=1).encode(),
+                 cache_dir / f"{META_FILE}{TMP_MARK}{os.getpid()}")
     return _open(cache_dir, meta, rebuilt=True)
 
 
