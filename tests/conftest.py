@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from sct_edge.engine.process import current_process_settings, restore_process
+
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TOY_CORPUS = [
@@ -17,6 +19,15 @@ TOY_CORPUS = [
     "Numbers like 12345 and 2024 are split into digits; café, naïve, 中文, emoji 😀.",
     "the quick brown fox jumps over the lazy dog " * 4,
 ]
+
+
+@pytest.fixture(autouse=True)
+def _restore_process_settings():
+    """Put torch's compute threads and the malloc thresholds back after each test: commands run in-process
+    set them (`configure_process`), and a later test must not run under an earlier one's settings."""
+    before = current_process_settings()
+    yield
+    restore_process(before)
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,7 @@ import zlib
 
 import torch
 
+from sct_edge.engine.process import ProcessSettings, configure_process
 from sct_edge.store.store import Store
 
 
@@ -66,7 +67,7 @@ def crash_before(calls: int) -> None:
 
 
 def writer(path: str) -> None:
-    torch.set_num_threads(1)
+    configure_process(ProcessSettings(threads=1))
     store = Store.open(path)
     with store.lock():
         names = store.shard_names()

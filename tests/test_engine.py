@@ -17,7 +17,8 @@ from sct_edge.errors import SctError
 from sct_edge.events import BlockEvent, PhaseEvent
 from sct_edge.model.config import ModelConfig, RankPolicy
 from sct_edge.model.transformer import Transformer
-from sct_edge.store.store import Store, block_shard, optim_shard
+from sct_edge.store.shard_names import block_index, block_shard, optim_shard, param_prefix
+from sct_edge.store.store import Store
 
 
 def multi_block(**overrides) -> ModelConfig:
@@ -59,9 +60,9 @@ def assert_store_matches(store: Store, model: Transformer, reference: InMemorySt
     moments = reference.moments()
     worst = 0.0
     for name in store.weight_shard_names():
-        if workload == "seed" and not name.startswith("block."):
+        if workload == "seed" and block_index(name) is None:
             continue
-        prefix = f"layers.{int(name[6:])}." if name.startswith("block.") else ""
+        prefix = param_prefix(name)
         weights, state = store.read(name), store.read(optim_shard(name))
         for key, value in weights.items():
             full = prefix + key

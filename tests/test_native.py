@@ -1,11 +1,31 @@
-"""The native-library settings: an I/O thread gets one OpenMP thread without touching the compute thread's."""
+"""Process-wide settings: made by `configure_process` at an entry point only, restorable, and an I/O thread
+gets one OpenMP thread without touching the compute thread's."""
 
+import os
+import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-from sct_edge.engine.process import _openmp_runtime, single_openmp_thread
+from sct_edge.engine.plan import make_plan
+from sct_edge.engine.process import (
+    GLIBC_MALLOC,
+    STEP_MALLOC,
+    ProcessSettings,
+    _openmp_runtime,
+    configure_process,
+    current_process_settings,
+    restore_process,
+    signals_handled_by,
+    single_openmp_thread,
+)
+from sct_edge.engine.profile import load_profile
+from sct_edge.engine.step import Engine
+from sct_edge.model.config import get_preset
+from sct_edge.store.store import Store
+from sct_edge.train.trainer import inference_engine
 
 
 def test_single_openmp_thread_is_the_calling_threads_alone():
@@ -21,3 +41,46 @@ def test_single_openmp_thread_is_the_calling_threads_alone():
     finally:
         torch.set_num_threads(previous)
 
+
+
+def test_an_engine_and_an_inference_engine_leave_the_process_settings_alone(tmp_path):
+    torch.set_num_threads(1)
+    before = current_process_settings()
+    with Store.create(tmp_path / "store", get_preset("tiny")) as store:
+        plan = make_plan(store.config, load_profile("ci"), 2, 16, 1, "lm")
+        Engine(store, plan).close()
+        inference_engine(store, "ci", None, 16).close()
+    assert current_process_settings() == before
+
+
+def test_configure_process_sets_threads_and_malloc_and_the_fixture_can_put_them_back():
+    before = current_process_settings()
+    settings = ProcessSettings.for_profile(load_profile("ci"), threads=1)
+    assert settings == ProcessSettings(threads=1, malloc=STEP_MALLOC)
+    configure_process(settings)
+    assert current_process_settings() == settings and torch.get_num_threads() == 1
+    restore_process(before)
+    assert torch.get_num_threads() == before.threads
+    assert current_process_settings().malloc in (before.malloc, GLIBC_MALLOC)
+
+
+def test_the_profile_decides_the_threads_capped_at_the_usable_cores():
+    profile = load_profile("ci")
+    assert ProcessSettings.for_profile(profile).threads == profile.usable_threads()
+
+
+def test_signal_handlers_are_restored_after_the_block():
+    calls = []
+    previous = signal.getsignal(signal.SIGTERM)
+    with signals_handled_by(lambda: calls.append("stop"), (signal.SIGTERM,)):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)  # the handler runs in the main thread between bytecodes
+    assert calls == ["stop"]
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_paging_plans_trim_the_heap_and_resident_plans_do_not():
+    config = get_preset("tiny")
+    resident = make_plan(config, load_profile("ci"), 2, 16, 1, "lm")
+    paged = make_plan(config, load_profile("ci", "324MiB"), 2, 16, 1, "lm")
+    assert not resident.pages_blocks and paged.pages_blocks

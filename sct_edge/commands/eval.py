@@ -26,6 +26,8 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from sct_edge.convert.tokenizer import tokenizer_from_json
+    from sct_edge.engine.process import ProcessSettings, configure_process
+    from sct_edge.engine.profile import load_profile
     from sct_edge.store.store import Store
     from sct_edge.train.data import eval_batches
     from sct_edge.train.trainer import inference_engine
@@ -40,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     tokens = np.array(tokenizer_from_json(store.tokenizer_json()).encode(text), dtype=np.int64)
     seq = min(args.seq_len, store.config.max_seq_len)
     windows = list(eval_batches(tokens, seq, args.batch, name=str(args.text)))
+    configure_process(ProcessSettings.for_profile(load_profile(args.profile, args.budget)))
     engine = inference_engine(store, args.profile, args.budget, seq)
     try:
         # evaluate() averages per batch; weight by windows so a short last batch counts as what it holds.

@@ -37,6 +37,8 @@ def chat_prompt_ids(store, tokenizer, message: str) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     from sct_edge.convert.tokenizer import tokenizer_from_json
+    from sct_edge.engine.process import ProcessSettings, configure_process
+    from sct_edge.engine.profile import load_profile
     from sct_edge.engine.sampling import generate
     from sct_edge.store.store import Store
     from sct_edge.train.trainer import inference_engine
@@ -48,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     prompt = chat_prompt_ids(store, tokenizer, args.prompt) if args.chat else tokenizer.encode(args.prompt)
     if not prompt:
         raise SctError("--prompt is empty")
+    configure_process(ProcessSettings.for_profile(load_profile(args.profile, args.budget)))
     engine = inference_engine(store, args.profile, args.budget, len(prompt) + args.max_new_tokens)
     out: list[int] = []
     printed = 0

@@ -14,6 +14,7 @@ import sys
 import torch
 from tqdm import tqdm
 
+from sct_edge.engine.process import ProcessSettings, configure_process
 from sct_edge.errors import SctError
 from sct_edge.model.accounting import format_bytes
 from sct_edge.model.config import COMPONENTS, PRESETS, get_preset
@@ -95,10 +96,9 @@ def run(args: argparse.Namespace) -> int:
         if value is not None:
             setattr(ranks, component, None if value == "dense" else value)
     config.validate()
-    if args.threads is not None:
-        if args.threads < 1:
-            raise SctError(f"--threads must be at least 1, not {args.threads}")
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        raise SctError(f"--threads must be at least 1, not {args.threads}")
+    configure_process(ProcessSettings(threads=args.threads))  # torch's own thread count without --threads
 
     bar = tqdm(total=0, unit="B", unit_scale=True, desc="init", disable=args.json or not sys.stderr.isatty())
 

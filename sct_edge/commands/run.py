@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 
+from sct_edge.engine.process import ProcessSettings, configure_process, signals_handled_by
+from sct_edge.engine.profile import load_profile
 from sct_edge.flags import add_flags, from_flags
 from sct_edge.train.trainer import RunConfig, Trainer
 
@@ -32,25 +33,25 @@ def run(args: argparse.Namespace) -> int:
     run_dir = config.run_dir or config.store_path().with_name(config.store_path().name + ".runs")
     events_path = run_dir / "events.jsonl"
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        # Finish the step in flight, commit, exit: a second signal is the same request.
-        signal.signal(sig, lambda *_: control.stop())
+    configure_process(ProcessSettings.for_profile(load_profile(config.profile, config.budget)))
     logs: list[EventLog] = []
 
     def make_trainer(listeners: list) -> Trainer:
         logs.append(EventLog(events_path, listeners))
         return Trainer(config, logs[-1], control)
 
-    try:
-        if sys.stdout.isatty() and not args.no_tui:
-            from sct_edge.tui.app import run_tui
-
-            return run_tui(make_trainer, control)
-        progress = PlainProgress()
+    # SIGINT and SIGTERM finish the step in flight, commit and exit: a second signal is the same request.
+    with signals_handled_by(control.stop):
         try:
-            return make_trainer([progress]).run()
+            if sys.stdout.isatty() and not args.no_tui:
+                from sct_edge.tui.app import run_tui
+
+                return run_tui(make_trainer, control)
+            progress = PlainProgress()
+            try:
+                return make_trainer([progress]).run()
+            finally:
+                progress.close()
         finally:
-            progress.close()
-    finally:
-        for log in logs:
-            log.close()
+            for log in logs:
+                log.close()

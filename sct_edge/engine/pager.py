@@ -19,7 +19,7 @@ from torch import Tensor
 from sct_edge.engine.clock import PhaseClock
 from sct_edge.engine.process import release_free_heap, single_openmp_thread
 from sct_edge.events import BlockEvent, EventSink
-from sct_edge.store.store import block_shard, optim_shard
+from sct_edge.store.shard_names import block_index, block_shard, is_optim, optim_shard
 
 MAX_PENDING_WRITES = 2  # shards (one block's weights and moments) queued for write-back at most
 
@@ -34,8 +34,10 @@ class Pager:
         prefetch_depth: int,
         device: torch.device,
         on_event: EventSink | None = None,
+        trim_heap: bool = False,
     ) -> None:
         self.store = store
+        self.trim_heap = trim_heap  # hand freed malloc memory back to the OS before each load (the plan decides)
         self.resident_names = frozenset(resident)
         self.prefetch_depth = max(0, prefetch_depth)
         self.device = device
@@ -58,13 +60,15 @@ class Pager:
 
     def emit_state(self, name: str, state: str) -> None:
         """Report a block's state (loading, resident, computing, writing, disk) to the event callback."""
-        if self.on_event is not None and name.startswith("block.") and not name.endswith(".optim"):
-            self.on_event(BlockEvent(block=int(name[6:]), state=state))
+        layer = block_index(name)
+        if self.on_event is not None and layer is not None and not is_optim(name):
+            self.on_event(BlockEvent(block=layer, state=state))
 
     def _load(self, name: str) -> dict[str, Tensor]:
         # Paged blocks come and go in every thread's malloc arena; each arena may keep up to the trim
         # threshold of freed memory, which a tight budget cannot spare. Hand it back before each new block.
-        release_free_heap()
+        if self.trim_heap:
+            release_free_heap()
         views = self.store.read(name)
         tensors = {k: v.to(self.device, copy=True) for k, v in views.items()}
         del views

@@ -131,6 +131,12 @@ class MemoryPlan:
     notes: list[str] = field(default_factory=list)
 
     @property
+    def pages_blocks(self) -> bool:
+        """Whether some blocks are paged (read and written back every step): then the pager trims malloc's
+        arenas before each load, or the memory the paged blocks free would stay in the resident set."""
+        return self.resident_blocks < self.n_layers
+
+    @property
     def block_resident_bytes(self) -> int:
         return self.block_weight_bytes + self.block_moment_bytes
 

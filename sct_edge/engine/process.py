@@ -1,4 +1,8 @@
-"""Settings of the native libraries under torch that decide how fast a step runs and how much RAM it keeps.
+"""Process-wide settings, made once by the entry point of each command that computes, and nowhere else.
+
+`configure_process(ProcessSettings.for_profile(profile))` is the call (nanochat's `compute_init` in spirit):
+torch's compute threads and glibc's malloc thresholds are the process's, so no constructor or factory of
+sct-edge changes them. The same goes for signal handlers (`signals_handled_by` restores the previous ones).
 
 glibc's malloc: its thresholds decide whether the thousands of activation and gradient allocations of a
 step are reused or page-faulted afresh, and how much freed memory stays in the resident set. OpenMP: a
@@ -11,26 +15,100 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
+from sct_edge.engine.profile import Profile
 
-def tune_malloc() -> None:
-    """Fix glibc's malloc thresholds (a no-op elsewhere) so the step neither page-faults nor hoards memory.
 
-    Allocations up to 32 MiB (activations, gradients, AdamW scratch: a step makes thousands) are served from
-    the heap and reused; with glibc's small initial mmap threshold, or a tiny one, each of them is a fresh
-    mmap that the kernel must zero and fault in, which measured half the tiny preset's step time in system
-    CPU. Free memory at the top of the heap beyond 64 MiB goes back to the OS, and when blocks are paged the
-    reader trims every arena before each block it loads (`release_free_heap`), so paged blocks that come
-    and go do not stay in the resident set.
-    """
+@dataclass(frozen=True)
+class MallocThresholds:
+    """glibc malloc's mmap and trim thresholds (mallopt M_MMAP_THRESHOLD and M_TRIM_THRESHOLD)."""
+
+    mmap_bytes: int
+    trim_bytes: int
+
+
+# The step's thresholds. Allocations up to 32 MiB (activations, gradients, AdamW scratch: a step makes
+# thousands) are served from the heap and reused; with glibc's small initial mmap threshold, or a tiny one,
+# each of them is a fresh mmap that the kernel must zero and fault in, which measured half the tiny preset's
+# step time in system CPU. Free memory at the top of the heap beyond 64 MiB goes back to the OS, and when
+# blocks are paged the pager trims every arena before each block it loads (`release_free_heap`, decided by
+# the memory plan), so paged blocks that come and go do not stay in the resident set.
+STEP_MALLOC = MallocThresholds(mmap_bytes=32 << 20, trim_bytes=64 << 20)
+# glibc's initial values. glibc adapts its thresholds until they are first set; once set they stay fixed,
+# so these are as near as a process can come back to the defaults.
+GLIBC_MALLOC = MallocThresholds(mmap_bytes=128 << 10, trim_bytes=128 << 10)
+
+
+@dataclass(frozen=True)
+class ProcessSettings:
+    """What a command sets process-wide before it computes; None leaves the library's own choice."""
+
+    threads: int | None = None  # torch's intra-op (compute) threads
+    malloc: MallocThresholds | None = None
+
+    @classmethod
+    def for_profile(cls, profile: Profile, threads: int | None = None) -> ProcessSettings:
+        """The settings of a streamed step under `profile`: its usable threads (or `threads`), the step's malloc."""
+        return cls(threads=threads or profile.usable_threads(), malloc=STEP_MALLOC)
+
+
+_applied_malloc: MallocThresholds | None = None  # mallopt has no getter: what configure_process last set
+
+
+def configure_process(settings: ProcessSettings) -> None:
+    """Apply `settings` to the process: called once by a command's entry point, before it computes."""
+    if settings.threads is not None:
+        set_compute_threads(settings.threads)
+    if settings.malloc is not None:
+        _set_malloc(settings.malloc)
+
+
+def current_process_settings() -> ProcessSettings:
+    """The compute threads now, and the malloc thresholds `configure_process` set (None: glibc's own)."""
+    return ProcessSettings(threads=torch.get_num_threads(), malloc=_applied_malloc)
+
+
+def restore_process(settings: ProcessSettings) -> None:
+    """Put back settings taken with `current_process_settings` (glibc's initial thresholds where it had its own)."""
+    set_compute_threads(settings.threads or torch.get_num_threads())
+    if settings.malloc != _applied_malloc:
+        _set_malloc(settings.malloc or GLIBC_MALLOC)
+
+
+def set_compute_threads(threads: int) -> None:
+    """Set torch's compute threads: at an entry point, or when the run's edge policy throttles the step."""
+    torch.set_num_threads(threads)
+
+
+def _set_malloc(thresholds: MallocThresholds) -> None:
+    global _applied_malloc
     libc = _libc()
     if libc is None:
         return  # not glibc (macOS, musl): nothing to tune
     m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 32 << 20)
-    libc.mallopt(m_trim_threshold, 64 << 20)
+    libc.mallopt(m_mmap_threshold, thresholds.mmap_bytes)
+    libc.mallopt(m_trim_threshold, thresholds.trim_bytes)
+    _applied_malloc = thresholds
+
+
+@contextmanager
+def signals_handled_by(handler: Callable[[], None], signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)
+                       ) -> Iterator[None]:
+    """Call `handler` on any of `signals` inside the block; the previous handlers are back after it."""
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+    for sig in signals:
+        signal.signal(sig, lambda *_: handler())
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def release_free_heap() -> None:

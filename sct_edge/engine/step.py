@@ -44,7 +44,6 @@ from sct_edge.engine.adamw import OptimConfig, adamw_update, is_orthonormal_fact
 from sct_edge.engine.clock import PhaseClock
 from sct_edge.engine.pager import Pager
 from sct_edge.engine.plan import MemoryPlan
-from sct_edge.engine.process import tune_malloc
 from sct_edge.engine.spill import ActivationSpill
 from sct_edge.events import EventSink
 from sct_edge.model.config import ModelConfig
@@ -120,7 +119,6 @@ class Engine:
         self.config: ModelConfig = store.config
         if plan.n_layers != self.config.n_layers:
             raise ValueError(f"the plan is for {plan.n_layers} blocks, the store's model has {self.config.n_layers}")
-        tune_malloc()
         self.store = store
         self.plan = plan
         self.workload = plan.workload
@@ -136,7 +134,7 @@ class Engine:
         if self.workload == "lm":
             resident |= {"embed", "embed.optim", "head", "head.optim"}
         self.on_event = on_event
-        self.pager = Pager(store, resident, plan.prefetch_depth, self.device, on_event)
+        self.pager = Pager(store, resident, plan.prefetch_depth, self.device, on_event, trim_heap=plan.pages_blocks)
         self.spill = ActivationSpill(store.path) if self.activations == "spill" else None
 
     def __enter__(self) -> Engine:

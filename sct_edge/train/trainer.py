@@ -23,6 +23,7 @@ import torch
 from sct_edge.convert.tokenizer import ByteTokenizer, tokenizer_from_json
 from sct_edge.engine.adamw import OptimConfig
 from sct_edge.engine.plan import make_plan
+from sct_edge.engine.process import set_compute_threads
 from sct_edge.engine.profile import load_profile, resolve_device
 from sct_edge.engine.sampling import generate
 from sct_edge.engine.step import Engine
@@ -191,7 +192,6 @@ class Trainer:
 
     def _run(self) -> int:
         run, profile, events = self.run_config, self.profile, self.events
-        torch.set_num_threads(profile.usable_threads())
         # Everything that can refuse the run (store, settings, budget, data) is checked before anything is
         # written, so bad input leaves no new store behind.
         path = run.store_path()
@@ -273,7 +273,7 @@ class Trainer:
             wanted_threads = self.profile.usable_threads(decision.threads)
             if wanted_threads != threads:
                 threads = wanted_threads
-                torch.set_num_threads(threads)
+                set_compute_threads(threads)
                 events.emit(ThrottleEvent(threads=threads, reason="thermal" if decision.threads else "cool"))
             if control.stop_requested.is_set():
                 break
@@ -347,6 +347,5 @@ class MemoryMonitor:
 def inference_engine(store: Store, profile_name: str, budget: str | None, seq: int) -> Engine:
     """A streamed engine for evaluation and generation: blocks paged under the profile as in training."""
     profile = load_profile(profile_name, budget)
-    torch.set_num_threads(profile.usable_threads())
     plan = make_plan(store.config, profile, 1, min(seq, store.config.max_seq_len), 1, "lm")
     return Engine(store, plan, OptimConfig(), resolve_device(profile))
