@@ -11,6 +11,7 @@ engine's event callback, which is what the TUI's layer map shows.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -34,11 +35,13 @@ class Pager:
         prefetch_depth: int,
         device: torch.device,
         on_event: EventSink | None = None,
+        skips: Callable[[str], bool] | None = None,
         trim_heap: bool = False,
     ) -> None:
         self.store = store
         self.trim_heap = trim_heap  # hand freed malloc memory back to the OS before each load (the plan decides)
         self.resident_names = frozenset(resident)
+        self.skips = skips  # shards this process never reads (another replica's moments): never prefetched
         self.prefetch_depth = max(0, prefetch_depth)
         self.device = device
         self.on_event = on_event
@@ -77,7 +80,7 @@ class Pager:
 
     def prefetch(self, name: str) -> None:
         """Start reading a shard in the background unless it is in RAM or already on its way."""
-        if name in self.kept or name in self.reads:
+        if name in self.kept or name in self.reads or (self.skips is not None and self.skips(name)):
             return
         self.emit_state(name, "loading")
         self.reads[name] = self.reader.submit(self._load, name)

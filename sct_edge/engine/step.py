@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,9 @@ from sct_edge.model.retraction import retract_
 from sct_edge.model.transformer import Block, KVCache, build_embedding, build_head, rope_tables, tied_head_logits
 from sct_edge.store.store import block_shard, optim_shard
 
+if TYPE_CHECKING:
+    from sct_edge.parallel.replicas import ReplicaSync
+
 MicroBatch = tuple[Tensor, Tensor | None]  # (tokens, targets) for "lm", (hidden states, None) for "seed"
 
 
@@ -67,6 +71,8 @@ class StepResult:
     ortho_err: float
     grad_norm: float | None
     tokens: int
+    comm_s: float = 0.0  # across replicas: seconds compute waited for the exchange (not hidden behind it)
+    comm_bytes: int = 0  # across replicas: payload bytes this rank sent
 
 
 @dataclass
@@ -115,6 +121,7 @@ class Engine:
         optim: OptimConfig | None = None,
         device: torch.device | str = "cpu",
         on_event: EventSink | None = None,
+        replicas: ReplicaSync | None = None,
     ) -> None:
         self.config: ModelConfig = store.config
         if plan.n_layers != self.config.n_layers:
@@ -133,9 +140,18 @@ class Engine:
         resident |= {optim_shard(n) for n in resident}
         if self.workload == "lm":
             resident |= {"embed", "embed.optim", "head", "head.optim"}
+        self.replicas = replicas
+        if replicas is not None:
+            # Across replicas only a shard's owner updates it, so only the owner reads its moments.
+            resident = {n for n in resident if not self._not_owned_state(n)}
         self.on_event = on_event
-        self.pager = Pager(store, resident, plan.prefetch_depth, self.device, on_event, trim_heap=plan.pages_blocks)
+        self.pager = Pager(store, resident, plan.prefetch_depth, self.device, on_event, trim_heap=plan.pages_blocks,
+                           skips=None if replicas is None else self._not_owned_state)
         self.spill = ActivationSpill(store.path) if self.activations == "spill" else None
+
+    def _not_owned_state(self, name: str) -> bool:
+        """Across replicas, the moments of a shard another rank owns: never read here."""
+        return name.endswith(".optim") and not self.replicas.owns(name[: -len(".optim")])
 
     def __enter__(self) -> Engine:
         return self
@@ -220,17 +236,23 @@ class Engine:
         grad_scale = 1.0
         if self.optim.max_grad_norm is not None:
             measured = self._backward(micro_batches, forward, step, lr_scale, clock, update=False)
-            grad_norm = measured.squared_norm**0.5
+            squared = measured.squared_norm if self.replicas is None else self.replicas.total(measured.squared_norm)
+            grad_norm = squared**0.5
             grad_scale = min(1.0, self.optim.max_grad_norm / (grad_norm + 1e-6))
         result = self._backward(micro_batches, forward, step, lr_scale, clock, update=True, grad_scale=grad_scale)
         self.pager.drain_writes(clock)
         accounted = sum(clock.seconds.values())
         clock.seconds["other"] = max(0.0, time.perf_counter() - started - accounted)
         tokens = sum(x.numel() for x, _ in micro_batches) if self.workload == "lm" else 0
+        loss, comm_s, comm_bytes = result.loss, 0.0, 0
+        if self.replicas is not None:
+            loss = self.replicas.mean(loss)
+            stats = self.replicas.take_stats()
+            comm_s, comm_bytes = stats.wait_s, stats.bytes_sent
         read1, written1 = self._bytes_moved()
         return StepResult(
-            loss=result.loss, phase_s=clock.seconds, bytes_read=read1 - read0, bytes_written=written1 - written0,
-            ortho_err=result.ortho_err, grad_norm=grad_norm, tokens=tokens,
+            loss=loss, phase_s=clock.seconds, bytes_read=read1 - read0, bytes_written=written1 - written0,
+            ortho_err=result.ortho_err, grad_norm=grad_norm, tokens=tokens, comm_s=comm_s, comm_bytes=comm_bytes,
         )
 
     def evaluate(self, windows: list[tuple[Tensor, Tensor]]) -> float:
@@ -333,10 +355,27 @@ class Engine:
             total += loss.item()
             grads_out.append(h.grad)
         clock.add("backward", since)
-        squared = sum(float(p.grad.pow(2).sum()) for p in params.values())
-        self._finish_shard("head", None, head, params, step, lr_scale, update, grad_scale, clock)
+        squared = self._shard_done("head", None, head, params, step, lr_scale, update, grad_scale, clock)
         tied_grads = None if tied is None else {k: v.grad for k, v in tied.items()}
         return grads_out, total, squared, tied_grads
+
+    def _shard_done(self, name, layer, tensors, params, step, lr_scale, update, grad_scale, clock) -> float:
+        """A shard's local gradients are complete. Updating: its orthonormality error after the update; measuring:
+        its squared gradient norm. Across replicas both arrive through `ReplicaSync.drain` instead (0 here)."""
+        if self.replicas is not None:
+            finish = None
+            if update:
+                def finish() -> float:
+                    return self._finish_shard(name, layer, tensors, params, step, lr_scale, True, grad_scale, clock)
+            def put(modified: bool) -> None:
+                self.pager.put(name, tensors, modified)
+            self.replicas.submit(name, tensors, params, finish, put)
+            return 0.0
+        if update:
+            return self._finish_shard(name, layer, tensors, params, step, lr_scale, True, grad_scale, clock)
+        squared = sum(float(p.grad.pow(2).sum()) for p in params.values())
+        self.pager.put(name, tensors, modified=False)
+        return squared
 
     def _finish_shard(self, name, layer, tensors, params, step, lr_scale, update, grad_scale, clock) -> float:
         """A shard's gradients are complete: AdamW + retraction on its parameters, then put it back.
@@ -407,12 +446,8 @@ class Engine:
                     new_grads.append(h.grad)
                 grads = new_grads
             since = clock.add("backward", since)
-            if update:
-                shard_ortho = self._finish_shard(name, i, tensors, params, step, lr_scale, True, grad_scale, clock)
-                ortho = max(ortho, shard_ortho)
-            else:
-                squared += sum(float(p.grad.pow(2).sum()) for p in params.values())
-                self.pager.put(name, tensors, modified=False)
+            done = self._shard_done(name, i, tensors, params, step, lr_scale, update, grad_scale, clock)
+            ortho, squared = (max(ortho, done), squared) if update else (ortho, squared + done)
             del params, tensors
         if self.workload == "lm":
             embed = self.pager.get("embed", clock)
@@ -425,10 +460,11 @@ class Engine:
                 for k, g in tied_grads.items():
                     params[k].grad += g
             clock.add("backward", since)
-            if update:
-                shard_ortho = self._finish_shard("embed", None, embed, params, step, lr_scale, True, grad_scale, clock)
-                ortho = max(ortho, shard_ortho)
-            else:
-                squared += sum(float(p.grad.pow(2).sum()) for p in params.values())
-                self.pager.put("embed", embed, modified=False)
+            done = self._shard_done("embed", None, embed, params, step, lr_scale, update, grad_scale, clock)
+            ortho, squared = (max(ortho, done), squared) if update else (ortho, squared + done)
+        if self.replicas is not None:
+            since = time.perf_counter()
+            replica_ortho, squared = self.replicas.drain()
+            ortho = max(ortho, replica_ortho)
+            clock.add("exchange", since)
         return BackwardResult(loss=loss, ortho_err=ortho, squared_norm=squared)

@@ -350,6 +350,7 @@ class Store:
         self._raw = raw
         self._pending: dict[str, ShardEntry] = {}
         self._prepared: Manifest | None = None  # a prepared commit, made current by `finish_prepared`
+        self._prepared_raw = b""
         self._maps: dict[str, MappedShard] = {}
         self._mutex = threading.RLock()
         self._write_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
@@ -613,7 +614,7 @@ class Store:
             self._prepared = None
             self._delete(PREPARED)
             return
-        self._prepared = prepared
+        self._prepared, self._prepared_raw = prepared, raw
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
@@ -725,7 +726,7 @@ class Store:
                 f"discard)"
             ) from None
         with self._mutex:
-            self._prepared = new
+            self._prepared, self._prepared_raw = new, raw
             self.bytes_written += len(raw)
 
     def prepared_step(self) -> int | None:
@@ -746,7 +747,7 @@ class Store:
                            f"the store stays at step {self.step}") from None
         with self._mutex:
             superseded = [e.file for n, e in self._manifest.shards.items() if new.shards[n].file != e.file]
-            self._manifest, self._raw, self._prepared = new, new.to_bytes(), None
+            self._manifest, self._raw, self._prepared = new, self._prepared_raw, None
             self._pending = {n: e for n, e in self._pending.items() if new.shards[n].file != e.file}
         for file in superseded:
             self._delete(file)
