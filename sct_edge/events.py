@@ -88,6 +88,8 @@ class StartEvent(Event):
     activations: str | None = None  # the plan's choice: recompute | keep | spill (absent before schema 2)
     predicted_peak_bytes: int
     corpus: str | None = None  # what the run trains on, in words
+    rank: int = 0  # across replicas (torchrun): this process's global rank
+    world_size: int = 1  # across replicas: how many ranks train the model
 
 
 @dataclass(kw_only=True)
@@ -112,6 +114,8 @@ class StepEvent(Event, MemoryReading):
     battery: Battery | None
     temperature_c: float | None
     eta_s: float
+    comm_s: float = 0.0  # across replicas: seconds the step waited for the gradient exchange
+    comm_bytes: int = 0  # across replicas: payload bytes this rank sent in the step
 
 
 @dataclass(kw_only=True)

@@ -115,9 +115,9 @@ def test_a_lost_peer_stops_the_others_with_one_line(tmp_path, text):
     assert ranks[0].wait(timeout=120) != 0
     assert time.monotonic() - started < 60
     err = ranks[0].stderr.read()
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("sct-edge: error: ") and "Traceback" not in err, err
-    assert "rank 0" in lines[0]
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("sct-edge: error: rank 0: lost contact") and "Traceback" not in err
+    assert "Connection reset by peer" in errors[0] and "GLHF" not in errors[0], errors[0]
 
 
 def test_mismatched_replicas_are_refused(tmp_path, text):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from sct_edge.engine.process import ProcessSettings, configure_process, signals_handled_by
-from sct_edge.engine.profile import load_profile
+from sct_edge.engine.profile import available_cores, load_profile, resolve_device
 from sct_edge.flags import add_flags, from_flags
+from sct_edge.parallel.world import detect_world, expand_rank, join_world, leave_world
 from sct_edge.train.trainer import RunConfig, Trainer
 
 
@@ -29,21 +31,29 @@ def run(args: argparse.Namespace) -> int:
     from sct_edge.train.progress import PlainProgress
 
     config = run_config_from_args(args)
+    # Under torchrun this process is one replica: `{rank}` in --store and --run-dir names its own copy.
+    world = detect_world()
+    config = dataclasses.replace(config, store=expand_rank(config.store, world),
+                                 run_dir=expand_rank(config.run_dir, world))
     control = Control()
     run_dir = config.run_dir or config.store_path().with_name(config.store_path().name + ".runs")
     events_path = run_dir / "events.jsonl"
 
-    configure_process(ProcessSettings.for_profile(load_profile(config.profile, config.budget)))
+    profile = load_profile(config.profile, config.budget)
+    # Ranks that share a machine share its cores.
+    configure_process(ProcessSettings.for_profile(profile, min(profile.usable_threads(),
+                                                               world.threads(available_cores()))))
+    join_world(world, resolve_device(profile).type, config.peer_timeout)
     logs: list[EventLog] = []
 
     def make_trainer(listeners: list) -> Trainer:
         logs.append(EventLog(events_path, listeners))
-        return Trainer(config, logs[-1], control)
+        return Trainer(config, logs[-1], control, world)
 
     # SIGINT and SIGTERM finish the step in flight, commit and exit: a second signal is the same request.
     with signals_handled_by(control.stop):
         try:
-            if sys.stdout.isatty() and not args.no_tui:
+            if sys.stdout.isatty() and not args.no_tui and world.rank == 0:
                 from sct_edge.tui.app import run_tui
 
                 return run_tui(make_trainer, control)
@@ -55,3 +65,4 @@ def run(args: argparse.Namespace) -> int:
         finally:
             for log in logs:
                 log.close()
+            leave_world()

@@ -26,7 +26,7 @@ from torch import Tensor
 from sct_edge.errors import SctError
 from sct_edge.parallel.agreement import check_replicas_agree
 from sct_edge.parallel.replicas import ReplicaSync
-from sct_edge.parallel.world import World
+from sct_edge.parallel.world import World, collective_failure
 from sct_edge.store.store import Store
 
 
@@ -91,10 +91,5 @@ class Replication:
             dist.barrier()
         except RuntimeError as error:
             raise SctError(f"rank {self.world.rank}: a replica was lost while committing step {step} "
-                           f"({_first_line(error)}); store {store.path} stays at step {store.step}") from None
+                           f"({collective_failure(error)}); store {store.path} stays at step {store.step}") from None
         store.finish_prepared()
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -9,6 +9,7 @@ was. The process group uses gloo on CPUs (loopback, Ethernet, Wi-Fi) and NCCL wh
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -77,12 +78,29 @@ def join_world(world: World, device_type: str, timeout_s: float) -> None:
     if not world.distributed or dist.is_initialized():
         return
     backend = "nccl" if device_type == "cuda" else "gloo"
+    timeout = timedelta(seconds=timeout_s)
     try:
-        dist.init_process_group(backend=backend, rank=world.rank, world_size=world.size,
-                                timeout=timedelta(seconds=timeout_s))
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun keeps one rendezvous store across restarts, where a restarted rank would find the
+            # addresses the killed attempt's processes posted (pytorch#135712): each attempt gets its own prefix.
+            # Across machines the restart count is per machine: there, set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1.
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world.size,
+                                  is_master=False, timeout=timeout)
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            dist.init_process_group(backend=backend, store=dist.PrefixStore(f"sct-edge/attempt-{attempt}", store),
+                                    rank=world.rank, world_size=world.size, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, rank=world.rank, world_size=world.size, timeout=timeout)
     except (RuntimeError, ValueError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SctError(f"rank {world.rank}: cannot join the {world.size} replicas ({backend}): {first}") from None
+        raise SctError(f"rank {world.rank}: cannot join the {world.size} replicas ({backend}): "
+                       f"{collective_failure(error)}") from None
+
+
+def collective_failure(error: BaseException) -> str:
+    """What a failed collective says, in one short line (gloo's source location and advice dropped)."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)
+    return text.split(". ")[0].rstrip(".")
 
 
 def leave_world() -> None:

@@ -47,6 +47,8 @@ from sct_edge.events import (
 from sct_edge.flags import flag
 from sct_edge.model.config import ModelConfig, RankPolicy, get_preset
 from sct_edge.model.transformer import dense_config
+from sct_edge.parallel.coordination import Decisions, Replication
+from sct_edge.parallel.world import World, collective_failure
 from sct_edge.store.store import MANIFEST, Store
 from sct_edge.train.control import Control
 from sct_edge.train.data import BatchSampler, Corpus, eval_batches, prepare_corpus
@@ -104,6 +106,10 @@ class RunConfig:
     seed: int = flag(0, help="seed of the initialisation and the data order")
     run_dir: Path | None = flag(None, help="where events.jsonl goes (default: STORE.runs/)")
     resume: bool = flag(False, help="continue the store's run exactly where it was committed")
+    grad_dtype: str = flag("float32", help="across replicas (torchrun): dtype of the exchanged gradients, float32 "
+                           "or bfloat16 (half the bytes)")
+    peer_timeout: float = flag(300.0, metavar="SECONDS", help="across replicas (torchrun): how long a rank waits "
+                               "for a lost peer before it stops with an error")
 
     def checked(self) -> RunConfig:
         """These settings as given on a command line, checked, with data paths absolute and a 0 clip as None."""
@@ -112,6 +118,10 @@ class RunConfig:
                 raise SctError(f"--{name.replace('_', '-')} must be at least 1")
         if self.steps is not None and self.steps < 1:
             raise SctError("--steps must be at least 1")
+        if self.grad_dtype not in ("float32", "bfloat16"):
+            raise SctError(f"--grad-dtype {self.grad_dtype}: use float32 or bfloat16")
+        if self.peer_timeout <= 0:
+            raise SctError("--peer-timeout must be positive")
         for path in self.data:
             if not Path(path).exists():
                 raise SctError(f"--data {path}: no such file or directory")
@@ -133,10 +143,12 @@ def lr_scale(step: int, total: int, warmup: int, min_ratio: float) -> float:
 
 
 class Trainer:
-    def __init__(self, run: RunConfig, events: EventLog, control: Control | None = None) -> None:
+    def __init__(self, run: RunConfig, events: EventLog, control: Control | None = None,
+                 world: World | None = None) -> None:
         self.run_config = run
         self.events = events
         self.control = control or Control()
+        self.world = world or World()
         self.profile = load_profile(run.profile, run.budget)
         self.device = resolve_device(self.profile)
 
@@ -184,7 +196,15 @@ class Trainer:
     def run(self) -> int:
         events = self.events
         try:
-            return self._run()
+            try:
+                return self._run()
+            except RuntimeError as error:
+                if not self.world.distributed:
+                    raise
+                # A collective failed: a peer died, hung past --peer-timeout, or left. Nothing was committed.
+                raise SctError(f"rank {self.world.rank}: lost contact with the other replicas "
+                               f"({collective_failure(error)}); store "
+                               f"{self.run_config.store_path()} stays at its last commit") from None
         except SctError as error:
             events.emit(ErrorEvent(message=str(error)))
             events.emit(EndEvent(step=None, reason="error"))
@@ -204,17 +224,27 @@ class Trainer:
         plan = make_plan(config, profile, settings["batch"], seq, settings["micro_batches"], "lm")
         corpus = prepare_corpus([Path(p) for p in settings["data"]] or None, tokenizer,
                                 path.with_name(path.name + ".tokens"))
-        sampler = BatchSampler(corpus.train, settings["batch"], seq, settings["seed"])
+        # Across replicas every rank draws the global batch and trains on its rows of it (`Replication.my_rows`).
+        sampler = BatchSampler(corpus.train, settings["batch"] * self.world.size, seq, settings["seed"])
         if store is None:
             path.parent.mkdir(parents=True, exist_ok=True)
             store = Store.create(path, config, seed=run.seed, state_dtype=getattr(torch, profile.state_dtype),
                                  tokenizer_json=tokenizer.to_json())
         with store.lock():
+            replication = None
+            if self.world.distributed:
+                replication = Replication(self.world, config.n_layers, getattr(torch, run.grad_dtype))
+                replication.resolve_prepared(store)
+                replication.check(store)
+            elif store.prepared_step() is not None:
+                store.abort_prepared()  # a commit prepared by replicas and never finished: not part of this run
+            self.replication = replication
             if store.step > 0 and "sampler" in store.state:
                 sampler.load_state_dict(store.state["sampler"])
             optim = OptimConfig(lr_spectral=settings["lr_spectral"], lr_dense=settings["lr_dense"],
                                 weight_decay=settings["weight_decay"], max_grad_norm=settings["clip"])
-            engine = Engine(store, plan, optim, self.device, on_event=events.emit)
+            engine = Engine(store, plan, optim, self.device, on_event=events.emit,
+                            replicas=None if replication is None else replication.sync)
             commit_every = run.commit_every or profile.commit_every
             policy = EdgePolicy(profile.battery, profile.thermal)
             events.emit(StartEvent(
@@ -224,6 +254,7 @@ class Trainer:
                 n_blocks=store.config.n_layers, resident_blocks=plan.resident_blocks,
                 prefetch_depth=plan.prefetch_depth, activations=plan.activations,
                 predicted_peak_bytes=plan.predicted_peak_bytes, corpus=corpus.describe(),
+                rank=self.world.rank, world_size=self.world.size,
             ))
             monitor = MemoryMonitor(events)
             monitor.start()
@@ -239,7 +270,11 @@ class Trainer:
         started = time.perf_counter()
         self.events.emit(PhaseEvent(phase="commit", step=step))
         engine.flush()
-        store.commit(step, {"run": settings, "sampler": sampler.state_dict()})
+        state = {"run": settings, "sampler": sampler.state_dict()}
+        if self.replication is None:
+            store.commit(step, state)
+        else:
+            self.replication.commit(store, step, state)
         self.events.emit(CommitEvent(step=step, seconds=time.perf_counter() - started))
 
     def _evaluate(self, engine: Engine, corpus: Corpus, seq: int, step: int, settings: dict) -> None:
@@ -275,6 +310,23 @@ class Trainer:
                 threads = wanted_threads
                 set_compute_threads(threads)
                 events.emit(ThrottleEvent(threads=threads, reason="thermal" if decision.threads else "cool"))
+            out_of_time = run.time_limit_s is not None and time.monotonic() - started > run.time_limit_s
+            if self.replication is not None:
+                # Every rank takes every rank's wishes: collectives must never wait on one that chose otherwise.
+                agreed = self.replication.agree(Decisions(
+                    stop=control.stop_requested.is_set(), commit=control.commit_requested.is_set(),
+                    evaluate=control.eval_requested.is_set(), sample=control.sample_requested.is_set(),
+                    pause=bool(control.paused or paused_by), out_of_time=out_of_time))
+                for wanted, request in ((agreed.stop, control.stop_requested),
+                                        (agreed.commit, control.commit_requested),
+                                        (agreed.evaluate, control.eval_requested),
+                                        (agreed.sample, control.sample_requested)):
+                    if wanted:
+                        request.set()
+                out_of_time = agreed.out_of_time
+                if agreed.pause and not agreed.stop:
+                    time.sleep(1.0)  # all ranks wait together until no rank is paused
+                    continue
             if control.stop_requested.is_set():
                 break
             if control.paused or paused_by:
@@ -285,13 +337,15 @@ class Trainer:
                 else:
                     time.sleep(1.0)
                 continue
-            if run.time_limit_s is not None and time.monotonic() - started > run.time_limit_s:
+            if out_of_time:
                 # The run's last word is its validation loss, as when it reaches its total.
                 if last_eval != step:
                     self._evaluate(engine, corpus, seq, step, settings)
                 self._commit(store, engine, step, settings, sampler)
                 return "time_limit"
             micro = [next(sampler) for _ in range(settings["micro_batches"])]
+            if self.replication is not None:
+                micro = [self.replication.my_rows(mb) for mb in micro]
             scale = lr_scale(step + 1, total, settings["warmup"], settings["min_lr_ratio"])
             step_started = time.perf_counter()
             result = engine.train_step(micro, step + 1, scale)
@@ -306,6 +360,7 @@ class Trainer:
                 budget_bytes=self.profile.memory_budget, resident_blocks=plan.resident_blocks,
                 ortho_err=result.ortho_err, grad_norm=result.grad_norm, battery=decision.battery,
                 temperature_c=decision.temperature_c, eta_s=elapsed / (step - first_step) * (total - step),
+                comm_s=result.comm_s, comm_bytes=result.comm_bytes,
             ))
             if step % commit_every == 0 or control.commit_requested.is_set():
                 control.commit_requested.clear()
