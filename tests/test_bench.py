@@ -38,12 +38,12 @@ def test_spectral_flops_count_the_three_products_and_the_embedding_projection():
     assert forward_flops_per_sequence(config, 1) == expected
 
 
-def test_the_seed_workload_counts_blocks_only():
+def test_the_hidden_sum_workload_counts_blocks_only():
     config = get_preset("sct-70b")
-    config.attention = "seed"
+    config.attention = "additive"
     d, f = config.dim, config.ffn_dim
     assert attention_flops(config, 8) == 0
-    assert training_step_flops(config, 1, 8, workload="seed") == 3 * 8 * 80 * 2 * 32 * (4 * 2 * d + 3 * (d + f))
+    assert training_step_flops(config, 1, 8, workload="hidden-sum") == 3 * 8 * 80 * 2 * 32 * (4 * 2 * d + 3 * (d + f))
 
 
 def test_gemm_peak_measures_every_size_and_restores_the_thread_count():

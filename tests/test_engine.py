@@ -49,7 +49,7 @@ def plan_for(config: ModelConfig, workload: str = "lm", activations: str = "reco
 
 def batches(config: ModelConfig, n: int, seed: int, workload: str = "lm", batch: int = 2, seq: int = 7):
     g = torch.Generator().manual_seed(seed)
-    if workload == "seed":
+    if workload == "hidden-sum":
         return [(torch.randn(batch, seq, config.dim, generator=g), None) for _ in range(n)]
     return [(torch.randint(0, config.vocab_size, (batch, seq), generator=g),
              torch.randint(0, config.vocab_size, (batch, seq), generator=g)) for _ in range(n)]
@@ -60,7 +60,7 @@ def assert_store_matches(store: Store, model: Transformer, reference: InMemorySt
     moments = reference.moments()
     worst = 0.0
     for name in store.weight_shard_names():
-        if workload == "seed" and block_index(name) is None:
+        if workload == "hidden-sum" and block_index(name) is None:
             continue
         prefix = param_prefix(name)
         weights, state = store.read(name), store.read(optim_shard(name))
@@ -68,7 +68,7 @@ def assert_store_matches(store: Store, model: Transformer, reference: InMemorySt
             full = prefix + key
             torch.testing.assert_close(value, params[full].detach(), rtol=0, atol=1e-5, msg=full)
             m1, m2 = moments[full]
-            # Moments scale with the gradient (the seed loss is a plain sum: gradients in the hundreds), so
+            # Moments scale with the gradient (the hidden-sum loss is a plain sum: gradients in the hundreds), so
             # they are held to 1e-5 relative, weights to 1e-5 absolute.
             torch.testing.assert_close(state[f"{key}.exp_avg"], m1, rtol=1e-5, atol=1e-5, msg=full)
             torch.testing.assert_close(state[f"{key}.exp_avg_sq"], m2, rtol=1e-5, atol=1e-5, msg=full)
@@ -110,22 +110,22 @@ def test_streamed_step_equals_in_memory_reference_when_every_block_is_paged(tmp_
 
 
 @pytest.mark.parametrize("activations", ["recompute", "keep", "spill"])
-def test_seed_workload_streamed_equals_reference(tmp_path, activations):
-    config = multi_block(attention="seed", n_kv_heads=4)
+def test_hidden_sum_workload_streamed_equals_reference(tmp_path, activations):
+    config = multi_block(attention="additive", n_kv_heads=4)
     optim = OptimConfig(lr_spectral=0.02)
     store = Store.create(tmp_path / "store", config, seed=3)
-    engine = Engine(store, plan_for(config, "seed", activations, resident_blocks=2, prefetch_depth=2), optim)
+    engine = Engine(store, plan_for(config, "hidden-sum", activations, resident_blocks=2, prefetch_depth=2), optim)
     model = Transformer(config, seed=3)
-    reference = InMemoryStep(model, optim, workload="seed")
-    micro = batches(config, 2, seed=1, workload="seed")
+    reference = InMemoryStep(model, optim, workload="hidden-sum")
+    micro = batches(config, 2, seed=1, workload="hidden-sum")
     assert engine.train_step(micro, 1).loss == reference.step(micro)
     engine.flush()
     store.commit(1, {})
-    assert_store_matches(Store.open(tmp_path / "store"), model, reference, "seed")
+    assert_store_matches(Store.open(tmp_path / "store"), model, reference, "hidden-sum")
     # Later steps start from factors retracted by CholeskyQR2 vs Householder (equal to ~1e-7), so the seed
     # loss (a plain sum in the hundreds) agrees to float32 precision, not bit for bit.
     for step in (2, 3):
-        micro = batches(config, 2, seed=step, workload="seed")
+        micro = batches(config, 2, seed=step, workload="hidden-sum")
         assert engine.train_step(micro, step).loss == pytest.approx(reference.step(micro), rel=1e-5)
     engine.close()
 

@@ -94,8 +94,8 @@ def test_kv_cache_decoding_matches_full_forward():
     torch.testing.assert_close(torch.cat(steps, 1), full[:, 6:], rtol=1e-5, atol=1e-5)
 
 
-def test_seed_attention_is_o_of_q_plus_k_plus_v():
-    config = small_config(attention="seed", n_kv_heads=4)
+def test_additive_attention_is_o_of_q_plus_k_plus_v():
+    config = small_config(attention="additive", n_kv_heads=4)
     block = Block(config, 0)
     x = torch.randn(1, 3, config.dim)
     cos, sin = rope_tables(config, torch.arange(3))
@@ -104,6 +104,11 @@ def test_seed_attention_is_o_of_q_plus_k_plus_v():
     h = x + a.o(a.q(n) + a.k(n) + a.v(n))
     expected = h + block.mlp(block.mlp_norm(h))
     torch.testing.assert_close(block(x, cos, sin), expected)
+
+
+def test_stores_written_before_the_rename_open_with_additive_attention():
+    data = small_config(attention="additive", n_kv_heads=4).to_dict()
+    assert ModelConfig.from_dict({**data, "attention": "seed"}).attention == "additive"
 
 
 def test_spectral_init_matches_dense_output_scale():

@@ -68,9 +68,9 @@ def autograd_saved_bytes(config: ModelConfig, batch: int, seq: int, layer: int =
         small_config(n_kv_heads=4),  # full multi-head
         small_config(ranks=RankPolicy(attn=None, mlp=None)),  # dense block
         small_config(ranks=RankPolicy(attn=8, mlp=None, overrides={"layers.0.attn.k": 3})),
-        small_config(n_kv_heads=4, attention="seed"),  # the seeds' o(q + k + v)
+        small_config(n_kv_heads=4, attention="additive"),  # the seeds' o(q + k + v)
     ],
-    ids=["gqa-spectral", "mha-spectral", "dense", "mixed-override", "seed-attention"],
+    ids=["gqa-spectral", "mha-spectral", "dense", "mixed-override", "additive-attention"],
 )
 @pytest.mark.parametrize(("batch", "seq"), [(1, 8), (3, 5)])
 def test_block_formula_matches_autograd(config, batch, seq):
@@ -202,17 +202,17 @@ def test_auto_activations_keep_exactly_when_everything_fits_with_kept_graphs():
     assert not make_plan(config, profile("100GiB"), 1, 64).activations_auto
 
 
-def test_dtypes_and_seed_workload():
+def test_dtypes_and_hidden_sum_workload():
     config = get_preset("sct-70b")
     bf16 = make_plan(config, profile("100GiB", state_dtype="bfloat16", compute_dtype="bfloat16"), 1, 8)
     fp32 = make_plan(config, profile("100GiB"), 1, 8)
     assert bf16.block_moment_bytes * 2 == fp32.block_moment_bytes
     assert bf16.boundary_activation_bytes * 2 == fp32.boundary_activation_bytes
     assert any("bfloat16" in note for note in bf16.notes)
-    seed_config = dataclasses.replace(config, attention="seed")
-    seed = make_plan(seed_config, profile("100GiB"), 1, 8, workload="seed")
-    assert seed.embed_head_bytes == seed.logits_bytes == 0
-    assert seed.store_bytes == 12 * count_params(config).seed_spectral
+    additive = dataclasses.replace(config, attention="additive")
+    hidden_sum = make_plan(additive, profile("100GiB"), 1, 8, workload="hidden-sum")
+    assert hidden_sum.embed_head_bytes == hidden_sum.logits_bytes == 0
+    assert hidden_sum.store_bytes == 12 * count_params(config).published_spectral
 
 
 def test_to_dict_and_describe():

@@ -7,6 +7,8 @@ import json
 import shlex
 from pathlib import Path
 
+from sct_edge.commands.former_names import workload_argument
+from sct_edge.engine.plan import WORKLOADS
 from sct_edge.errors import SctError
 
 
@@ -19,8 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", default="steamdeck", help="profile name or TOML path")
     p.add_argument("--budget", help="override the profile's memory budget, e.g. 1GiB")
     p.add_argument("--steps", type=int, default=4, help="steps to time; step_s is the median of all but the first")
-    p.add_argument("--workload", choices=("seed", "lm"), default="seed",
-                   help="seed: the seeds' 70B-class step (blocks only, o(q+k+v), loss = sum); lm: the real model")
+    p.add_argument("--workload", type=workload_argument, choices=WORKLOADS, default="hidden-sum",
+                   help="hidden-sum: the seeds' 70B-class step (decoder blocks only, additive attention o(q+k+v), "
+                        "random hidden states in, loss = their sum; formerly 'seed'); lm: the real model")
     p.add_argument("--batch", type=int, default=1, help="sequences per micro-batch")
     p.add_argument("--seq", type=int, default=8, help="tokens per sequence")
     p.add_argument("--micro-batches", type=int, default=1, help="gradient-accumulation micro-batches per step")

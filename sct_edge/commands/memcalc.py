@@ -16,9 +16,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from sct_edge.commands.former_names import workload_argument
 from sct_edge.engine.plan import (
     DEFAULT_READ_BYTES_PER_S,
     DEFAULT_WRITE_BYTES_PER_S,
+    FORMER_WORKLOAD_NAMES,
     RUNTIME_OVERHEAD_BYTES,
     WORKLOADS,
     MemoryPlan,
@@ -77,9 +79,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--workload",
+        type=workload_argument,
         choices=WORKLOADS,
-        help="lm: the real model with embeddings and head (default); seed: the seeds' step, decoder "
-        "blocks only with o(q+k+v) attention, input hidden states, loss = sum",
+        help="lm: the real model with embeddings and head (default); hidden-sum: the seeds' 70B-class step, "
+        "decoder blocks only with additive attention o(q+k+v), random hidden states in, loss = their sum "
+        "(formerly 'seed')",
     )
     parser.add_argument(
         "--read-speed",
@@ -138,6 +142,11 @@ class Measured:
     bytes_written: int  # per step
     step_s: float | None
     setup: dict
+
+    def __post_init__(self) -> None:
+        # Runs and bench lines from before the rename record the hidden-sum workload as "seed".
+        if "workload" in self.setup:
+            self.setup["workload"] = FORMER_WORKLOAD_NAMES.get(self.setup["workload"], self.setup["workload"])
 
 
 def _require(record: dict, keys: tuple[str, ...], where: str) -> None:
@@ -259,13 +268,14 @@ def resolve_config(args: argparse.Namespace, setup: dict, source: str, workload:
             )
     if args.rank is not None:
         config = config.with_ranks(RankPolicy.uniform(args.rank))
-    if workload == "seed" and "config" not in setup:
+    if workload == "hidden-sum" and "config" not in setup:
         if config.n_kv_heads != config.n_heads:
             raise SctError(
-                f"--workload seed runs the seeds' o(q+k+v) attention, which needs full-size k and v; {config.name} "
-                f"has {config.n_kv_heads} KV heads for {config.n_heads} query heads (try --preset sct-70b)"
+                f"--workload hidden-sum runs the additive attention o(q+k+v), which needs full-size k and v; "
+                f"{config.name} has {config.n_kv_heads} KV heads for {config.n_heads} query heads "
+                "(try --preset sct-70b)"
             )
-        config.attention = "seed"  # the seeds' step, as `sct-edge bench step --workload seed` runs it
+        config.attention = "additive"  # the seeds' step, as `sct-edge bench step --workload hidden-sum` runs it
     config.validate()
     return config, label
 
@@ -295,7 +305,7 @@ def build_report(config: ModelConfig, label: str, plan: MemoryPlan, measured: Me
     # Every matrix dense (sct_edge.model.transformer.dense_config, built here so memcalc never pays torch's import).
     dense = config.with_ranks(RankPolicy(attn=None, mlp=None, embed=None, head=None))
     dense_whole = {
-        "block_matrices": train_bytes(count.seed_dense_equivalent),
+        "block_matrices": train_bytes(count.published_dense_equivalent),
         "norms": train_bytes(count.block_norms.dense + (count.final_norm.dense if lm else 0)),
         "embedding": train_bytes(count.embed.dense) if lm else 0,
         "lm_head": train_bytes(count.head.dense) if lm else 0,
@@ -303,14 +313,14 @@ def build_report(config: ModelConfig, label: str, plan: MemoryPlan, measured: Me
     }
     dense_whole["total"] = sum(dense_whole.values())
     sct_whole = {
-        "block_factors_and_norms": train_bytes(count.seed_spectral),
+        "block_factors_and_norms": train_bytes(count.published_spectral),
         "embedding_head_final_norm": train_bytes(count.embed.stored + count.head.stored + count.final_norm.stored)
         if lm
         else 0,
         "activations": activation_bytes_in_memory(config, batch, seq, workload),
     }
     sct_whole["total"] = sum(sct_whole.values())
-    dense_train, sct_train = train_bytes(count.seed_dense_equivalent), train_bytes(count.seed_spectral)
+    dense_train, sct_train = train_bytes(count.published_dense_equivalent), train_bytes(count.published_spectral)
 
     def table(rank: int) -> list[dict]:
         return [
@@ -339,8 +349,8 @@ def build_report(config: ModelConfig, label: str, plan: MemoryPlan, measured: Me
         "seq": seq,
         "micro_batches": plan.micro_batches,
         "params": {
-            "seed_dense_equivalent": count.seed_dense_equivalent,
-            "seed_spectral": count.seed_spectral,
+            "published_dense_equivalent": count.published_dense_equivalent,
+            "published_spectral": count.published_spectral,
             "dense_total": count.dense_total,
             "stored_total": count.stored_total,
         },
@@ -411,7 +421,7 @@ def render(report: dict, plan: MemoryPlan) -> list[str]:
         "GB/MB = 10⁹/10⁶ bytes as the seeds publish; the plan uses GiB/MiB = 2³⁰/2²⁰ bytes",
         "",
         "training memory, fp32 weights + gradients + two Adam moments = 16 bytes a parameter",
-        f"  dense + Adam, seeds' count (block matrices only, {p['seed_dense_equivalent']:,} params): "
+        f"  dense + Adam, seeds' count (block matrices only, {p['published_dense_equivalent']:,} params): "
         f"{gb(r['dense_train_bytes'])}",
         f"  dense + Adam, whole model ({p['dense_total']:,} params, workload {r['workload']}, batch {r['batch']} × "
         f"seq {r['seq']}): {gb(r['dense_whole_model_bytes'])}",
@@ -427,7 +437,7 @@ def render(report: dict, plan: MemoryPlan) -> list[str]:
         if r["dense_whole_model"][key]:
             lines.append(f"      {name:<32}{gb(r['dense_whole_model'][key]):>14}")
     lines += [
-        f"  SCT + Adam in memory, seeds' count (block factors + norms, {p['seed_spectral']:,} params): "
+        f"  SCT + Adam in memory, seeds' count (block factors + norms, {p['published_spectral']:,} params): "
         f"{gb(r['sct_in_memory_bytes'])} = {r['sct_in_memory_bytes'] / MB:,.1f} MB; {r['compression']:.0f}× smaller",
         f"  SCT + Adam in memory, whole model (+ embedding, head, activations): "
         f"{gb(r['sct_in_memory_whole_model_bytes'])}",

@@ -3,7 +3,7 @@
 Each engine runs in its own child process, so each one's peak resident memory (the kernel's high-water
 mark, VmHWM) is its own; the parent prints both JSON lines and their ratios from the same invocation.
 
-Workloads: `seed` is the seeds' 70B-class step (decoder blocks only, attention simplified to o(q + k + v),
+Workloads: `hidden-sum` is the seeds' 70B-class step (decoder blocks only, additive attention o(q + k + v),
 random hidden states of batch × seq, loss = their sum); `lm` is the real model on random tokens.
 
 The model is a preset (a fresh store is created in a scratch directory) or an existing store, such as an
@@ -63,15 +63,15 @@ class BenchSpec:
             config = get_preset(self.preset)
         if self.rank is not None:
             config = config.with_ranks(RankPolicy.uniform(self.rank))
-        if self.workload == "seed":
-            config.attention = "seed"
+        if self.workload == "hidden-sum":
+            config.attention = "additive"
         config.validate()
         return config
 
 
 def micro_batches(spec: BenchSpec, config: ModelConfig, step: int) -> list:
     g = torch.Generator().manual_seed(1000 + step)
-    if spec.workload == "seed":
+    if spec.workload == "hidden-sum":
         return [(torch.randn(spec.batch, spec.seq, config.dim, generator=g), None) for _ in range(spec.micro_batches)]
     return [
         (torch.randint(0, config.vocab_size, (spec.batch, spec.seq), generator=g),

@@ -8,7 +8,7 @@ k-wide scaling is negligible), 2·in·out for a dense one; causal attention's Q 
 head and per visible key, a token at position t (0-based) seeing t + 1 keys; the LM head like any matrix;
 the embedding lookup is free when dense and costs the V projection (2·k·dim) when spectral. Training is
 forward × 3 (backward computes two products per forward product: the input's gradient and the weights').
-The seeds' workload has no embedding, head or softmax attention, only the seven matrices of each block.
+The hidden-sum workload has no embedding, head or softmax attention, only the seven matrices of each block.
 
 MFU is model FLOPs per second over the fp32 GEMM peak of square products measured on this machine, with
 the thread count the run uses, in the same invocation (`gemm_peak`).
@@ -34,14 +34,14 @@ def matrix_flops(n_in: int, n_out: int, rank: int | None) -> int:
 
 def attention_flops(config: ModelConfig, seq: int) -> int:
     """Forward FLOPs of causal attention scores and mixing for one sequence of `seq` tokens, one block."""
-    if config.attention == "seed":
+    if config.attention == "additive":
         return 0
     visible_keys = seq * (seq + 1) // 2
     return 2 * 2 * config.n_heads * config.head_dim * visible_keys
 
 
 def forward_flops_per_sequence(config: ModelConfig, seq: int, workload: str = "lm") -> int:
-    """Forward model FLOPs of one sequence of `seq` tokens (blocks only for the seeds' workload)."""
+    """Forward model FLOPs of one sequence of `seq` tokens (blocks only for the hidden-sum workload)."""
     total = 0
     for layer in range(config.n_layers):
         for path, (n_in, n_out) in config.matrix_shapes().items():

@@ -43,7 +43,11 @@ RUNTIME_OVERHEAD_BYTES = 320 * MiB
 
 DEFAULT_READ_BYTES_PER_S = 1.2e9
 DEFAULT_WRITE_BYTES_PER_S = 2.1e9
-WORKLOADS = ("lm", "seed")
+# "lm": the language model, tokens in, next-token loss. "hidden-sum": the seeds' 70B-class step, decoder blocks
+# only, random hidden states in, loss = the sum of the last block's output.
+WORKLOADS = ("lm", "hidden-sum")
+# Run events and `bench step --json` lines written before the rename call "hidden-sum" "seed".
+FORMER_WORKLOAD_NAMES = {"seed": "hidden-sum"}
 FP32 = 4
 
 
@@ -56,7 +60,7 @@ def block_saved_elements(config: ModelConfig, layer: int, batch: int, seq: int) 
       causal attention: q and k after RoPE, v, the attention output, and the softmax log-sum-exp per head
         (RoPE itself saves only the cos/sin tables, 2 × seq × head_dim for the whole batch);
                                                                   2·dim + 2·kv_dim + n_heads
-      seed attention o(q + k + v): the sum fed to o;                                 dim
+      additive attention o(q + k + v): the sum fed to o;                             dim
       MLP RMSNorm: the residual h, the normalised h, its output, rstd;             3·dim + 1
       SwiGLU: gate output, silu(gate), up output, the product fed to down;        4·ffn_dim
       each spectral matrix: x·U and (x·U)·s;                                        2·rank
@@ -66,7 +70,7 @@ def block_saved_elements(config: ModelConfig, layer: int, batch: int, seq: int) 
     per_token = 3 * d + 1 + 3 * d + 1 + 4 * f
     per_token += sum(2 * rank for _, _, _, rank in block_matrices(config, layer) if rank is not None)
     tables = 0
-    if config.attention == "seed":
+    if config.attention == "additive":
         per_token += d
     else:
         per_token += 2 * d + 2 * kv + config.n_heads

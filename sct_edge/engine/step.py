@@ -55,7 +55,7 @@ from sct_edge.store.store import block_shard, optim_shard
 if TYPE_CHECKING:
     from sct_edge.parallel.replicas import ReplicaSync
 
-MicroBatch = tuple[Tensor, Tensor | None]  # (tokens, targets) for "lm", (hidden states, None) for "seed"
+MicroBatch = tuple[Tensor, Tensor | None]  # (tokens, targets) for "lm", (hidden states, None) for "hidden-sum"
 
 
 def strip_prefix(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -203,7 +203,7 @@ class Engine:
         last position only (generation needs no others).
         """
         if self.workload != "lm":
-            raise ValueError("forward needs the language-model workload (the seed workload has no tokens)")
+            raise ValueError("forward needs the language-model workload (the hidden-sum workload has no tokens)")
         start = 0 if cache is None else cache.length
         rope = self._rope(start, tokens.shape[1])
         embed = self.pager.get("embed")
@@ -223,7 +223,7 @@ class Engine:
     # ---------------------------------------------------------------- training and evaluation
 
     def train_step(self, micro_batches: list[MicroBatch], step: int, lr_scale: float = 1.0) -> StepResult:
-        """One optimizer step over `micro_batches` ((tokens, targets) for "lm", (hidden, None) for "seed").
+        """One optimizer step over `micro_batches` ((tokens, targets) for "lm", (hidden, None) for "hidden-sum").
 
         `step` is the optimizer step number being taken (1 for the first). The store is not committed here:
         call `flush` and then `store.commit`. The step announces its phases to the event sink as it enters them.
@@ -261,7 +261,7 @@ class Engine:
         The batches run layer-major as a step's micro-batches do, so each paged block is read once for all.
         """
         if self.workload != "lm":
-            raise ValueError("evaluate needs the language-model workload (the seed workload has no targets)")
+            raise ValueError("evaluate needs the language-model workload (the hidden-sum workload has no targets)")
         clock = PhaseClock()
         top = self._forward(windows, clock, turnaround=False).boundaries[-1]
         head = self.pager.get("head", clock)
@@ -336,7 +336,7 @@ class Engine:
         """Loss at the head: d loss / d top hidden state per micro-batch, the loss, the grad² sum, and, with a
         tied head, the embedding's gradient from the head (it completes through the lookup at the end)."""
         n = len(micro_batches)
-        if self.workload == "seed":
+        if self.workload == "hidden-sum":
             # The seeds' step: loss = sum of the final hidden states.
             loss = sum(float(h.sum()) for h in top)
             return [torch.ones_like(h) for h in top], loss, 0.0, None

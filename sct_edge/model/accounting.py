@@ -57,13 +57,13 @@ class ModelCount:
         return sum(c.stored for c in self.components().values())
 
     @property
-    def seed_dense_equivalent(self) -> int:
-        """The seeds' dense-equivalent count: block weight matrices only (no norms, embeddings or head)."""
+    def published_dense_equivalent(self) -> int:
+        """The published dense-equivalent count: block weight matrices only (no norms, embeddings or head)."""
         return self.attn.dense + self.mlp.dense
 
     @property
-    def seed_spectral(self) -> int:
-        """The seeds' spectral count: block factors plus the two RMSNorm vectors of each block."""
+    def published_spectral(self) -> int:
+        """The published spectral count: block factors plus the two RMSNorm vectors of each block."""
         return self.attn.stored + self.mlp.stored + self.block_norms.stored
 
     def components(self) -> dict[str, ComponentCount]:
@@ -139,8 +139,9 @@ def mlp_layer_table(rank: int = 32) -> list[LayerRow]:
     ]
 
 
-def seed_numbers(path: Path | None = None) -> dict:
-    """The published figures (`shared/reference/seed_numbers.json`), for tests and memcalc's comparisons."""
+def published_numbers(path: Path | None = None) -> dict:
+    """The method's published figures (`published_numbers.json`, a copy of the mission's reference file), or
+    those of the file at `path`."""
     path = path or Path(__file__).resolve().parent / "published_numbers.json"
     return json.loads(path.read_text())
 

@@ -46,6 +46,11 @@ class RankPolicy:
         return getattr(self, component)
 
 
+ATTENTIONS = ("causal", "additive")
+# Stores and run events written before the rename call the additive attention "seed"; they still open.
+FORMER_ATTENTION_NAMES = {"seed": "additive"}
+
+
 @dataclass
 class ModelConfig:
     """A LLaMA-family decoder: RMSNorm → causal GQA attention with RoPE → RMSNorm → SwiGLU MLP."""
@@ -61,7 +66,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
-    # "causal": softmax attention with RoPE and a causal mask. "seed": the seeds' simplified 70B step,
+    # "causal": softmax attention with RoPE and a causal mask. "additive": the seeds' simplified 70B-class step,
     # o(q + k + v) with no softmax and no mask (needs full-size k/v, i.e. n_kv_heads == n_heads).
     attention: str = "causal"
     ranks: RankPolicy = field(default_factory=RankPolicy)
@@ -94,10 +99,10 @@ class ModelConfig:
             raise SctError(
                 f"config {self.name}: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}"
             )
-        if self.attention not in ("causal", "seed"):
-            raise SctError(f"config {self.name}: attention must be 'causal' or 'seed', not '{self.attention}'")
-        if self.attention == "seed" and self.n_kv_heads != self.n_heads:
-            raise SctError(f"config {self.name}: seed attention o(q+k+v) needs n_kv_heads == n_heads")
+        if self.attention not in ATTENTIONS:
+            raise SctError(f"config {self.name}: attention must be 'causal' or 'additive', not '{self.attention}'")
+        if self.attention == "additive" and self.n_kv_heads != self.n_heads:
+            raise SctError(f"config {self.name}: additive attention o(q+k+v) needs n_kv_heads == n_heads")
         if self.head_dim % 2:
             raise SctError(f"config {self.name}: head_dim {self.head_dim} must be even for RoPE")
         shapes = {f"layers.0.{p}": s for p, s in self.matrix_shapes().items()}
@@ -126,6 +131,8 @@ class ModelConfig:
         unknown = set(data) - known
         if unknown:
             raise SctError(f"model config has unknown fields: {', '.join(sorted(unknown))}")
+        if "attention" in data:
+            data["attention"] = FORMER_ATTENTION_NAMES.get(data["attention"], data["attention"])
         return cls(ranks=ranks, **data)
 
     def with_ranks(self, ranks: RankPolicy) -> ModelConfig:

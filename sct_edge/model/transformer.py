@@ -101,7 +101,7 @@ class Attention(nn.Module):
         self.o = make_linear(d, d, rank(f"layers.{layer}.attn.o"), out_std, generator, device)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None) -> Tensor:
-        if self.config.attention == "seed":
+        if self.config.attention == "additive":
             return self.o(self.q(x) + self.k(x) + self.v(x))
         b, t, _ = x.shape
         c = self.config
