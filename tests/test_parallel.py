@@ -127,3 +127,13 @@ def test_mismatched_replicas_are_refused(tmp_path, text):
                                      "--steps", "4", "--data", str(text)), capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "replicas differ: rank 1" in result.stderr and str(tmp_path / "r1") in result.stderr
+
+
+def test_a_resume_with_another_world_size_is_refused(tmp_path, text):
+    run_torchrun("run", "--store", str(tmp_path / "r{rank}"), *TINY, "--batch", "2", "--steps", "2", "--data",
+                 str(text))
+    result = sct("run", "--store", str(tmp_path / "r0"), *TINY, "--batch", "2", "--steps", "4", "--data", str(text),
+                 check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith("resume it with 2 rank(s), not 1"), result.stderr
+    assert "Traceback" not in result.stderr

@@ -189,6 +189,12 @@ class Trainer:
         if run.data and run.data != saved["data"]:
             raise SctError(f"store {store.path} continues a run on {', '.join(saved['data']) or 'the default corpus'}"
                            f"; --data names other text (train a new store for a new run)")
+        # Across N replicas each rank keeps the moments of the blocks it owns only: another N would resume
+        # other blocks from moments this store never updated.
+        trained_by = store.state.get("replicas", {}).get("world_size", 1)
+        if trained_by != self.world.size:
+            raise SctError(f"store {store.path} was trained by {trained_by} replica(s) and each kept only its own "
+                           f"blocks' optimizer moments: resume it with {trained_by} rank(s), not {self.world.size}")
         return {**saved, "steps": run.steps or saved["steps"]}
 
     # ------------------------------------------------------------------ the run
@@ -271,6 +277,8 @@ class Trainer:
         self.events.emit(PhaseEvent(phase="commit", step=step))
         engine.flush()
         state = {"run": settings, "sampler": sampler.state_dict()}
+        if self.world.distributed:
+            state["replicas"] = {"world_size": self.world.size, "rank": self.world.rank}
         if self.replication is None:
             store.commit(step, state)
         else:
