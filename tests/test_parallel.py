@@ -137,3 +137,73 @@ def test_a_resume_with_another_world_size_is_refused(tmp_path, text):
     assert result.returncode == 2
     assert result.stderr.strip().endswith("resume it with 2 rank(s), not 1"), result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_sync_every_matches_a_hand_written_two_replica_diloco(tmp_path, text):
+    from sct_edge.convert.tokenizer import ByteTokenizer
+    from sct_edge.engine.adamw import OptimConfig, is_orthonormal_factor
+    from sct_edge.engine.plan import make_plan
+    from sct_edge.engine.process import set_compute_threads
+    from sct_edge.engine.profile import load_profile
+    from sct_edge.engine.step import Engine
+    from sct_edge.model.config import RankPolicy, get_preset
+    from sct_edge.model.retraction import householder_retraction
+    from sct_edge.store.store import Store
+    from sct_edge.train.data import BatchSampler, prepare_corpus
+    from sct_edge.train.trainer import lr_scale
+
+    batch, seq, steps, every, lr, mu = 2, 32, 4, 2, 0.7, 0.9
+    run_torchrun("run", "--store", str(tmp_path / "d{rank}"), *TINY, "--batch", str(batch), "--steps", str(steps),
+                 "--sync-every", str(every), "--data", str(text))
+
+    # The reference: two single-process replicas on their rows of the global batch, and the outer step by hand.
+    set_compute_threads(1)  # as each torchrun rank on this 2-core machine
+    tiny = get_preset("tiny")
+    config = tiny.with_ranks(RankPolicy.uniform(8, dense_embeddings=tiny.ranks.embed is None))
+    stores = [Store.create(tmp_path / f"ref{k}", config, seed=0, state_dtype=torch.float32,
+                           tokenizer_json=ByteTokenizer().to_json()) for k in (0, 1)]
+    names = stores[0].weight_shard_names()
+    anchor = {n: stores[0].read(n) for n in names}
+    anchor = {n: {k: v.clone() for k, v in t.items()} for n, t in anchor.items()}
+    momentum = {n: {k: torch.zeros_like(v) for k, v in t.items()} for n, t in anchor.items()}
+    corpus = prepare_corpus([text], ByteTokenizer(), tmp_path / "ref.tokens")
+    sampler = BatchSampler(corpus.train, 2 * batch, seq, 0)
+    plan = make_plan(config, load_profile("ci"), batch, seq, 1, "lm")
+    optim = OptimConfig(lr_spectral=1e-2, lr_dense=3e-3, weight_decay=0.0, max_grad_norm=1.0)
+    engines = [Engine(s, plan, optim) for s in stores]
+    for step in range(1, steps + 1):
+        x, y = next(sampler)
+        for k, engine in enumerate(engines):
+            rows = slice(k * batch, (k + 1) * batch)
+            engine.train_step([(x[rows], y[rows])], step, lr_scale(step, steps, 2, 0.1))
+        if step % every:
+            continue
+        for engine, store in zip(engines, stores, strict=True):
+            engine.flush()
+            engine.close()
+            store.commit(step)
+        local = [{n: s.read(n) for n in names} for s in stores]
+        for n in names:
+            new = {}
+            for key, start in anchor[n].items():
+                delta = (2 * start - local[0][n][key] - local[1][n][key]) / 2
+                momentum[n][key] = mu * momentum[n][key] + delta
+                new[key] = start - lr * (delta + mu * momentum[n][key])
+                if is_orthonormal_factor(key):
+                    new[key] = householder_retraction(new[key])
+            anchor[n] = new
+        for store in stores:
+            for n in names:
+                store.release(n)
+                store.write(n, anchor[n])
+            store.commit(step)
+        engines = [Engine(s, plan, optim) for s in stores]
+    for engine in engines:
+        engine.close()
+
+    diloco = store_tensors(tmp_path / "d0")
+    assert all(torch.equal(diloco[key], value) for key, value in store_tensors(tmp_path / "d1").items()
+               if ".optim/" not in key and ".outer/" not in key)
+    for n in names:
+        for key, value in anchor[n].items():
+            torch.testing.assert_close(diloco[f"{n}/{key}"], value, rtol=1e-5, atol=1e-5, msg=f"{n}/{key}")

@@ -20,7 +20,7 @@ from torch import Tensor
 from sct_edge.engine.clock import PhaseClock
 from sct_edge.engine.process import release_free_heap, single_openmp_thread
 from sct_edge.events import BlockEvent, EventSink
-from sct_edge.store.shard_names import block_index, block_shard, is_optim, optim_shard
+from sct_edge.store.shard_names import block_index, block_shard, optim_shard, weights_shard
 
 MAX_PENDING_WRITES = 2  # shards (one block's weights and moments) queued for write-back at most
 
@@ -64,7 +64,7 @@ class Pager:
     def emit_state(self, name: str, state: str) -> None:
         """Report a block's state (loading, resident, computing, writing, disk) to the event callback."""
         layer = block_index(name)
-        if self.on_event is not None and layer is not None and not is_optim(name):
+        if self.on_event is not None and layer is not None and weights_shard(name) == name:
             self.on_event(BlockEvent(block=layer, state=state))
 
     def _load(self, name: str) -> dict[str, Tensor]:

@@ -33,6 +33,7 @@ then the real backward pass with the gradients scaled; it costs one extra backwa
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -168,6 +169,23 @@ class Engine:
     def flush(self) -> None:
         """Write the resident shards a step modified to the store (call before `store.commit`)."""
         self.pager.flush()
+
+    def update_weights(self, update: Callable[[str, dict[str, Tensor], dict[str, Tensor]], None],
+                       companion: Callable[[str], str]) -> None:
+        """Between steps: every weights shard in model order, paged as a step pages it, goes to
+        `update(name, weights, state)` with its companion shard `companion(name)` (DiLoCo's outer state, say);
+        `update` changes both in place and both are written back (resident ones at the next `flush`)."""
+        names = (["embed"] if self.workload == "lm" else []) + [block_shard(i) for i in range(self.n_layers)]
+        names += ["head"] if self.workload == "lm" else []
+        for pos, name in enumerate(names):
+            for ahead in names[pos + 1 : pos + 1 + self.pager.prefetch_depth]:
+                self.pager.prefetch(ahead)
+                self.pager.prefetch(companion(ahead))
+            weights, state = self.pager.get(name), self.pager.get(companion(name))
+            update(name, weights, state)
+            self.pager.put(companion(name), state, modified=True)
+            self.pager.put(name, weights, modified=True)
+        self.pager.drain_writes(PhaseClock())
 
     # ---------------------------------------------------------------- forward pieces
 

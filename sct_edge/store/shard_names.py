@@ -1,7 +1,8 @@
 """Names of a store's shards and of their versioned files: built and parsed here and nowhere else.
 
 A model is stored as the shards `embed`, `block.000` ... `block.NNN`, `head`, each with its AdamW moments
-in `NAME.optim`. Every committed version of a shard is a file `NAME.vVVVVVV.safetensors`.
+in `NAME.optim` and, in a store trained by replicas in DiLoCo mode, its outer state in `NAME.outer`.
+Every committed version of a shard is a file `NAME.vVVVVVV.safetensors`.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import re
 EMBED = "embed"
 HEAD = "head"
 OPTIM_SUFFIX = ".optim"
+OUTER_SUFFIX = ".outer"
 
 _BLOCK = re.compile(r"^block\.(\d+)$")
-_SHARD_FILE = re.compile(r"^(embed|head|block\.\d+)((?:\.optim)?)\.v(\d+)\.safetensors$")
+_SHARD_FILE = re.compile(r"^(embed|head|block\.\d+)((?:\.optim|\.outer)?)\.v(\d+)\.safetensors$")
 
 
 def block_shard(layer: int) -> str:
@@ -26,6 +28,11 @@ def optim_shard(name: str) -> str:
     return f"{name}{OPTIM_SUFFIX}"
 
 
+def outer_shard(name: str) -> str:
+    """The DiLoCo outer-state shard of weights shard `name` ("block.007.outer": anchor and outer momentum)."""
+    return f"{name}{OUTER_SUFFIX}"
+
+
 def is_optim(name: str) -> bool:
     """Whether shard `name` holds AdamW moments rather than weights."""
     return name.endswith(OPTIM_SUFFIX)
@@ -33,7 +40,7 @@ def is_optim(name: str) -> bool:
 
 def weights_shard(name: str) -> str:
     """The weights shard that shard `name` belongs to (itself, or the one whose moments it holds)."""
-    return name.removesuffix(OPTIM_SUFFIX)
+    return name.removesuffix(OPTIM_SUFFIX).removesuffix(OUTER_SUFFIX)
 
 
 def block_index(name: str) -> int | None:

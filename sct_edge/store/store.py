@@ -93,6 +93,7 @@ from sct_edge.store.shard_names import (
     block_shard,
     is_optim,
     optim_shard,
+    outer_shard,
     parse_shard_file,
     shard_file_name,
 )
@@ -114,6 +115,7 @@ LOCK = "lock"
 PREPARED = "manifest.prepared.json"  # phase one of a commit shared with other replicas (see `prepare_commit`)
 STATE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MOMENTS = ("exp_avg", "exp_avg_sq")
+OUTER_PARTS = ("anchor", "momentum")  # DiLoCo: the weights the replicas last agreed on, the outer momentum
 
 _TMP_FILE = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
 
@@ -138,14 +140,22 @@ def _weight_layout(config: ModelConfig) -> dict[str, dict[str, TensorSpec]]:
     return layout
 
 
-def store_layout(config: ModelConfig, state_dtype: str = "float32") -> dict[str, tuple[str, dict[str, TensorSpec]]]:
-    """Every shard of a store for `config`, in order: name -> (kind, {key: spec})."""
+def store_layout(
+    config: ModelConfig, state_dtype: str = "float32", outer: bool = False
+) -> dict[str, tuple[str, dict[str, TensorSpec]]]:
+    """Every shard of a store for `config`, in order: name -> (kind, {key: spec}).
+
+    With `outer` (a store trained by replicas in DiLoCo mode, `extra["outer_state"]`), each weights shard
+    also has an outer-state shard: the anchor the replicas last agreed on and the outer momentum (float32)."""
     state = DTYPE_NAMES[STATE_DTYPES[state_dtype]]
     layout: dict[str, tuple[str, dict[str, TensorSpec]]] = {}
     for name, specs in _weight_layout(config).items():
         layout[name] = ("weights", specs)
         moments = {f"{k}.{m}": TensorSpec(state, s.shape) for k, s in specs.items() for m in MOMENTS}
         layout[optim_shard(name)] = ("optim", moments)
+        if outer:
+            layout[outer_shard(name)] = ("outer", {f"{k}.{part}": TensorSpec("F32", s.shape)
+                                                    for k, s in specs.items() for part in OUTER_PARTS})
     return layout
 
 
@@ -275,7 +285,7 @@ class Manifest:
         return manifest
 
     def _check_layout(self, label: str) -> None:
-        layout = store_layout(self.config, self.state_dtype)
+        layout = store_layout(self.config, self.state_dtype, outer=bool(self.extra.get("outer_state")))
         missing = [n for n in layout if n not in self.shards]
         unknown = [n for n in self.shards if n not in layout]
         if missing or unknown:
@@ -765,6 +775,43 @@ class Store:
         for entry in prepared.shards.values():
             if entry.file not in committed:
                 self._delete(entry.file)
+
+    def add_outer_state(self) -> None:
+        """Give the store DiLoCo outer-state shards: the anchor is the committed weights, the momentum zero.
+
+        Committed at once at the store's step; the weights, moments and run state are unchanged.
+        """
+        self._require_lock()
+        if self._manifest.extra.get("outer_state"):
+            return
+        if self._pending or self._prepared is not None:
+            raise SctError(f"store {self.path}: outer state can be added only with nothing uncommitted")
+        layout = store_layout(self.config, self._manifest.state_dtype, outer=True)
+        entries = {}
+        for name in self.weight_shard_names():
+            weights = self.read(name)
+            tensors = {}
+            for key, value in weights.items():
+                tensors[f"{key}.anchor"] = value.float()
+                tensors[f"{key}.momentum"] = torch.zeros(value.shape, dtype=torch.float32)
+            kind, specs = layout[outer_shard(name)]
+            entries[outer_shard(name)] = self._write_version(outer_shard(name), kind, specs, tensors,
+                                                             self.generation + 1)
+            del weights, tensors
+            self.release(name)
+        before = self._manifest
+        with self._mutex:
+            self._manifest = copy.copy(before)
+            self._manifest.shards = {**before.shards, **entries}
+            self._manifest.extra = {**before.extra, "outer_state": True}
+        try:
+            self.commit(self.step)
+        except SctError:
+            with self._mutex:
+                self._manifest = before
+            for entry in entries.values():
+                self._delete(entry.file)
+            raise
 
     def discard(self) -> None:
         """Drop every uncommitted shard version (their files are deleted; mapped views stay readable)."""

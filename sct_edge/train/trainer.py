@@ -48,6 +48,7 @@ from sct_edge.flags import flag
 from sct_edge.model.config import ModelConfig, RankPolicy, get_preset
 from sct_edge.model.transformer import dense_config
 from sct_edge.parallel.coordination import Decisions, Replication
+from sct_edge.parallel.diloco import DilocoConfig, OuterSync
 from sct_edge.parallel.world import World, collective_failure
 from sct_edge.store.store import MANIFEST, Store
 from sct_edge.train.control import Control
@@ -108,6 +109,9 @@ class RunConfig:
     resume: bool = flag(False, help="continue the store's run exactly where it was committed")
     grad_dtype: str = flag("float32", help="across replicas (torchrun): dtype of the exchanged gradients, float32 "
                            "or bfloat16 (half the bytes)")
+    sync_every: int = flag(1, metavar="H", help="across replicas (torchrun): 1 exchanges every step's gradients; "
+                           "H > 1 runs DiLoCo for slow links: H local steps per replica, then one outer step")
+    outer_lr: float = flag(0.7, help="DiLoCo (--sync-every > 1): learning rate of the outer Nesterov step")
     peer_timeout: float = flag(300.0, metavar="SECONDS", help="across replicas (torchrun): how long a rank waits "
                                "for a lost peer before it stops with an error")
 
@@ -120,6 +124,8 @@ class RunConfig:
             raise SctError("--steps must be at least 1")
         if self.grad_dtype not in ("float32", "bfloat16"):
             raise SctError(f"--grad-dtype {self.grad_dtype}: use float32 or bfloat16")
+        if self.sync_every < 1:
+            raise SctError("--sync-every must be at least 1")
         if self.peer_timeout <= 0:
             raise SctError("--peer-timeout must be positive")
         for path in self.data:
@@ -149,6 +155,8 @@ class Trainer:
         self.events = events
         self.control = control or Control()
         self.world = world or World()
+        self.replication: Replication | None = None
+        self.outer: OuterSync | None = None
         self.profile = load_profile(run.profile, run.budget)
         self.device = resolve_device(self.profile)
 
@@ -242,6 +250,9 @@ class Trainer:
                 replication = Replication(self.world, config.n_layers, getattr(torch, run.grad_dtype))
                 replication.resolve_prepared(store)
                 replication.check(store)
+                if run.sync_every > 1:
+                    store.add_outer_state()  # the anchor starts as the weights the replicas agree on
+                    self.outer = OuterSync(DilocoConfig(run.sync_every, run.outer_lr), replication.sync)
             elif store.prepared_step() is not None:
                 store.abort_prepared()  # a commit prepared by replicas and never finished: not part of this run
             self.replication = replication
@@ -249,8 +260,9 @@ class Trainer:
                 sampler.load_state_dict(store.state["sampler"])
             optim = OptimConfig(lr_spectral=settings["lr_spectral"], lr_dense=settings["lr_dense"],
                                 weight_decay=settings["weight_decay"], max_grad_norm=settings["clip"])
+            # DiLoCo replicas step alone (every rank keeps all moments) and meet every --sync-every steps.
             engine = Engine(store, plan, optim, self.device, on_event=events.emit,
-                            replicas=None if replication is None else replication.sync)
+                            replicas=None if replication is None or self.outer is not None else replication.sync)
             commit_every = run.commit_every or profile.commit_every
             policy = EdgePolicy(profile.battery, profile.thermal)
             events.emit(StartEvent(
@@ -358,6 +370,14 @@ class Trainer:
             step_started = time.perf_counter()
             result = engine.train_step(micro, step + 1, scale)
             step += 1
+            comm_s, comm_bytes = result.comm_s, result.comm_bytes
+            if self.outer is not None:
+                if self.outer.due(step):
+                    self.outer.meet(engine)
+                loss = self.replication.sync.mean(result.loss)
+                stats = self.replication.sync.take_stats()
+                result = dataclasses.replace(result, loss=loss)
+                comm_s, comm_bytes = comm_s + stats.wait_s, comm_bytes + stats.bytes_sent
             step_s = time.perf_counter() - step_started
             memory = memory_snapshot()
             elapsed = time.monotonic() - started
@@ -368,7 +388,7 @@ class Trainer:
                 budget_bytes=self.profile.memory_budget, resident_blocks=plan.resident_blocks,
                 ortho_err=result.ortho_err, grad_norm=result.grad_norm, battery=decision.battery,
                 temperature_c=decision.temperature_c, eta_s=elapsed / (step - first_step) * (total - step),
-                comm_s=result.comm_s, comm_bytes=result.comm_bytes,
+                comm_s=comm_s, comm_bytes=comm_bytes,
             ))
             if step % commit_every == 0 or control.commit_requested.is_set():
                 control.commit_requested.clear()
