@@ -385,21 +385,24 @@ def test_unsupported_tensor_type_and_truncated_files(tmp_path, hf_model, toy_bpe
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left either
 
 
-def test_ranks_that_do_not_fit_are_refused_before_any_work(tmp_path, hf_model):
+def test_ranks_above_a_matrix_full_rank_are_capped_with_a_note(tmp_path, hf_model):
     directory, _, _ = hf_model
-    with pytest.raises(SctError, match=r"rank 40 for layers\.0\.attn\.q is larger than its 32 x 32 matrix"):
-        import_model(directory, tmp_path / "store", ImportPolicy(rank=40))
-    with pytest.raises(SctError, match=r"rank 20 for layers\.0\.attn\.k is larger than its 16 x 32 matrix"):
-        import_model(directory, tmp_path / "store", ImportPolicy(rank=20))
-    with pytest.raises(SctError, match=r"rank 33 for embed"):
-        import_model(directory, tmp_path / "store", ImportPolicy(rank=4, components={"embed": 33}))
-    assert not (tmp_path / "store").exists()
+    result = import_model(directory, tmp_path / "store", ImportPolicy(rank=20, components={"embed": 33}))
+    assert result.notes == [
+        "rank 33 is above the full rank of 1 embed matrices; they keep their full rank (32 x 300 at 32)",
+        "rank 20 is above the full rank of 4 attn matrices; they keep their full rank (16 x 32 at 16)",
+    ]
+    ranks = {row["matrix"]: row["rank"] for row in result.report}
+    assert ranks["layers.0.attn.q"] == 20 and ranks["layers.1.attn.k"] == 16 and ranks["embed"] == 32
+    with Store.open(tmp_path / "store") as store:
+        policy = store.config.ranks
+    assert policy.attn == 20 and policy.rank_of("layers.0.attn.v") == 16 and policy.rank_of("layers.0.attn.o") == 20
 
 
 def test_policy_errors(tmp_path, hf_model, toy_bpe):
     directory, _, _ = hf_model
     cases = [
-        (ImportPolicy(rank=4, energy=0.9), "exactly one of --rank R, --energy E, --full-rank or --dense"),
+        (ImportPolicy(rank=4, energy=0.9), "exactly one of --rank R, --energy E, --params-ratio R, --size SIZE, "),
         (ImportPolicy(), "exactly one of"),
         (ImportPolicy(rank=4, components={"mlp": "energy"}), "--mlp-rank energy needs --energy E"),
         (ImportPolicy(energy=1.2), r"--energy must be in \(0, 1\]"),
@@ -449,9 +452,9 @@ def test_cli_import_export_and_fine_tuning_with_the_model_tokenizer(tmp_path, hf
     assert "imported hf-model from the Hugging Face directory" in out
     assert "attn   rank 6" in out and "mlp    energy 0.95" in out and "embed  dense" in out
 
-    assert main(["import", str(directory), str(tmp_path / "x"), "--rank", "99", "--quiet"]) == 2
+    assert main(["import", str(directory), str(tmp_path / "x"), "--params-ratio", "1.5", "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("sct-edge: error: ") and "rank 99 for layers.0.attn.q" in err and "\n" not in err
+    assert err.startswith("sct-edge: error: ") and "--params-ratio must be in (0, 1]" in err and "\n" not in err
     assert not (tmp_path / "x").exists()
 
     data = tmp_path / "corpus.txt"

@@ -277,6 +277,25 @@ def test_panels_render_the_recorded_run(recorded):
     asyncio.run(scenario())
 
 
+def test_progress_shows_mfu_next_to_tokens_per_second(recorded):
+    """A step event with MFU (runs recorded before it carry none, and show none) puts it on the rate line."""
+    events = mid_step(recorded)
+    last = [e for e in events if isinstance(e, StepEvent)][-1]
+    assert last.mfu is None
+    events.append(StepEvent(**{**{f: getattr(last, f) for f in last.__dataclass_fields__}, "step": last.step + 1,
+                               "mfu": 0.437}))
+
+    async def scenario():
+        app = SctEdgeApp(ReplaySource(events))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.pause()
+            assert app.view.mfu == 0.437
+            rate = app.query_one(ProgressPanel).render().plain.splitlines()[2]
+            assert "MFU 44%" in rate and "tok" in rate
+
+    asyncio.run(scenario())
+
+
 def test_keys_and_buttons_drive_the_control(recorded):
     async def scenario():
         app = SctEdgeApp(ReplaySource(mid_step(recorded)))

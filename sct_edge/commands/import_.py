@@ -1,5 +1,6 @@
 """`sct-edge import SOURCE STORE`: convert a pretrained LLaMA-family model (a Hugging Face directory or a GGUF
-file) into a spectral store by truncated SVD, one matrix at a time; see `sct_edge.convert.importer`."""
+file) into a spectral store by truncated SVD, one matrix at a time, or with --calibrate by output-aware
+truncation and block-wise recovery, one block at a time; see `sct_edge.convert.importer`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from sct_edge.convert.calibration import CalibrationConfig
+from sct_edge.convert.recovery import RecoveryConfig
 from sct_edge.errors import SctError
 from sct_edge.model.accounting import format_bytes
 from sct_edge.model.config import COMPONENTS
@@ -30,8 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "import",
         help="convert a Hugging Face LLaMA directory or a GGUF file into a spectral store",
         description="Convert a pretrained LLaMA-family model into a spectral store: every matrix W becomes "
-        "U diag(s) Vᵀ by a truncated SVD. Give exactly one of --rank, --energy, --full-rank, --dense; the "
-        "embedding and LM head stay dense unless a per-component flag (or --full-rank) says otherwise.",
+        "U diag(s) Vᵀ by a truncated SVD, or with --calibrate by the rank-k factors that best keep its outputs on "
+        "the calibration text, block by block, each block then trained towards the dense one (recovery). Give "
+        "exactly one of --rank, --energy, --params-ratio, --size, --full-rank, --dense; the embedding and LM head "
+        "stay dense unless a per-component flag (or --full-rank) says otherwise.",
     )
     p.add_argument(
         "source",
@@ -53,6 +58,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="every matrix, embedding and head included, at rank min(in, out): exact up to rounding",
     )
     base.add_argument("--dense", action="store_true", help="keep every matrix dense (the dense fine-tuning baseline)")
+    base.add_argument(
+        "--params-ratio",
+        type=float,
+        metavar="R",
+        help="store R (0 < R <= 1) times the numbers of the dense attention and MLP matrices, ranks spread across "
+        "matrices by output error (weight error without --calibrate) per stored number, each at least half "
+        "its uniform rank",
+    )
+    base.add_argument(
+        "--size",
+        metavar="SIZE",
+        help="target store size (weights and AdamW moments), e.g. 300MB: ranks spread as with --params-ratio",
+    )
     for component in COMPONENTS:
         p.add_argument(
             f"--{component}-rank",
@@ -66,6 +84,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=list(STATE_DTYPES),
         default="float32",
         help="dtype of the AdamW moments in the store (default float32)",
+    )
+    calib = p.add_argument_group("calibrated conversion (output-aware truncation, then block-wise recovery)")
+    calib.add_argument(
+        "--calibrate",
+        nargs="+",
+        type=Path,
+        metavar="PATH",
+        help="UTF-8 text file(s) to calibrate on: each matrix keeps its outputs on this text rather than its "
+        "weights (and --energy is measured on outputs)",
+    )
+    calib.add_argument(
+        "--calib-tokens", type=int, default=16384, help="calibration tokens, from the start of the text (default 16384)"
+    )
+    calib.add_argument(
+        "--calib-seq-len", type=int, default=512, help="tokens a calibration sequence (default 512, capped at the "
+        "model's context)"
+    )
+    calib.add_argument(
+        "--statistics",
+        choices=["sequential", "dense"],
+        default="sequential",
+        help="sequential (default): each block's input statistics come through the blocks already converted; "
+        "dense: all from the original model (one-shot)",
+    )
+    calib.add_argument(
+        "--recover-steps",
+        type=int,
+        help="steps of block-wise recovery after each block is converted (default 100 with --calibrate; 0: none)",
+    )
+    calib.add_argument(
+        "--recover-lr", type=float, default=RecoveryConfig.lr, help=f"AdamW learning rate of recovery on U, s and V "
+        f"(default {RecoveryConfig.lr:g})"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads (default: torch's own choice; on a busy machine 1 thread can be several times faster)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar, only the summary")
     p.set_defaults(func=run)
@@ -89,15 +144,44 @@ def summary_lines(result) -> list[str]:
     return lines
 
 
+def calibration_config(args: argparse.Namespace) -> CalibrationConfig | None:
+    """The calibration the flags ask for, None without --calibrate; SctError for flags that need it."""
+    if args.calibrate is None:
+        for flag, value in (("--recover-steps", args.recover_steps), ("--statistics", args.statistics != "sequential")):
+            if value:
+                raise SctError(f"{flag} needs --calibrate PATH: recovery and statistics come from calibration text")
+        return None
+    steps = RecoveryConfig.steps if args.recover_steps is None else args.recover_steps
+    if steps < 0:
+        raise SctError(f"--recover-steps must be 0 or more, not {steps}")
+    if args.recover_lr <= 0:
+        raise SctError(f"--recover-lr must be positive, not {args.recover_lr}")
+    return CalibrationConfig(
+        paths=list(args.calibrate),
+        tokens=args.calib_tokens,
+        seq_len=args.calib_seq_len,
+        sequential=args.statistics == "sequential",
+        recovery=RecoveryConfig(steps=steps, lr=args.recover_lr) if steps else None,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from sct_edge.convert.importer import ImportPolicy, import_model, open_source
+    from sct_edge.engine.process import ProcessSettings, configure_process
+    from sct_edge.engine.profile import parse_size
 
+    if args.threads is not None and args.threads < 1:
+        raise SctError(f"--threads must be at least 1, not {args.threads}")
+    calibration = calibration_config(args)
+    configure_process(ProcessSettings(threads=args.threads))  # torch's own thread count without --threads
     source = open_source(args.source)
     policy = ImportPolicy(
         rank=args.rank,
         energy=args.energy,
         full_rank=args.full_rank,
         dense=args.dense,
+        params_ratio=args.params_ratio,
+        size=None if args.size is None else parse_size(args.size, "--size"),
         components={c: getattr(args, f"{c}_rank") for c in COMPONENTS if getattr(args, f"{c}_rank") is not None},
     )
     bars: dict[str, tqdm] = {}
@@ -114,6 +198,11 @@ def run(args: argparse.Namespace) -> int:
         b.update(done - b.n)
         b.set_postfix_str(f"{row['matrix']} rank {row['rank']} energy {row['kept_energy']:.4f}")
 
+    def on_progress(phase: str, done: int, total: int) -> None:
+        b = bar(phase, total, unit="block", desc=phase)
+        b.update(done - b.n)
+        b.set_postfix_str(f"block {done} of {total}")
+
     def on_shard(name: str, done: int, total: int) -> None:
         b = bar("write", total, unit="B", unit_scale=True, unit_divisor=1024, desc="writing")
         b.update(done - b.n)
@@ -125,8 +214,10 @@ def run(args: argparse.Namespace) -> int:
             Path(args.store),
             policy,
             state_dtype=args.state_dtype,
+            calibration=calibration,
             on_matrix=None if args.quiet else on_matrix,
             on_shard=None if args.quiet else on_shard,
+            on_progress=None if args.quiet else on_progress,
         )
     finally:
         for b in bars.values():
@@ -141,6 +232,19 @@ def run(args: argparse.Namespace) -> int:
     )
     for line in summary_lines(result):
         print(line)
+    for note in result.notes:
+        print(f"  note   {note}")
+    if calibration is not None:
+        method = "sequential" if calibration.sequential else "one-shot (dense statistics)"
+        print(f"  calibrated on {calibration.tokens:,} tokens of {', '.join(str(p) for p in calibration.paths)}, "
+              f"{method}")
+        before = [b["error_before"] for b in result.blocks]
+        after = [b["error_after"] for b in result.blocks]
+        if before:
+            recovery = (f"; after {calibration.recovery.steps} recovery steps {min(after):.4f}-{max(after):.4f}"
+                        if calibration.recovery is not None else "")
+            print(f"  blocks output error (fraction of each block's update) {min(before):.4f}-{max(before):.4f}"
+                  f"{recovery}")
     print(
         f"  time   {result.seconds:.1f} s ({result.convert_seconds:.1f} s reading and factoring, "
         f"{result.write_seconds:.1f} s writing the store); peak RSS {format_bytes(peak)}"

@@ -72,6 +72,7 @@ def describe(store: Store) -> dict:
         # fp32 weights plus the two AdamW moments in the store's state dtype, as this store keeps them
         "dense_bytes": count.dense_total * (4 + 2 * moment_bytes),
         "import_report": store.extra.get("import_report"),
+        "import": store.extra.get("import"),
     }
 
 
@@ -132,12 +133,35 @@ def run(args: argparse.Namespace) -> int:
     if report:
         print()
         print_import_report(report)
+    if info["import"]:
+        print_import_method(info["import"])
     return 0
 
 
+def print_import_method(method: dict) -> None:
+    """How the import converted: the method, its calibration and each block's output error before and after
+    recovery (as a fraction of what the dense block adds to the residual stream)."""
+    print()
+    print(f"import     {method['method']}" + "".join(f"; note: {n}" for n in method.get("notes", [])))
+    calib = method.get("calibration")
+    if calib:
+        files = ", ".join(f"{f['path']} (sha256 {f['sha256'][:12]})" for f in calib["files"])
+        print(f"calibrated {calib['tokens']:,} tokens ({calib['sequences']} x {calib['seq_len']}) of {files}; "
+              f"{calib['statistics']} statistics")
+        recovery = method.get("recovery")
+        steps = "none" if recovery is None else f"{recovery['steps']} steps a block, lr {recovery['lr']:g}"
+        print(f"recovery   {steps}")
+        print(f"  {'block':<8}{'error before':>14}{'error after':>14}")
+        for b in method.get("blocks", []):
+            print(f"  {b['block']:<8}{b['error_before']:>14.6f}{b['error_after']:>14.6f}")
+
+
 def print_import_report(report: list[dict]) -> None:
-    """The importer's per-matrix table: one row per matrix with its rank, kept energy and relative error."""
+    """The importer's per-matrix table: one row per matrix with its rank, kept (weight) energy and relative
+    error, and for a calibrated import the output energy kept on the calibration text."""
     columns = ["shape", "rank", "kept_energy", "rel_error", "svd"]
+    if any("output_energy" in row for row in report):  # calibrated: the energy kept of outputs and of weights
+        columns.insert(2, "output_energy")
     width = max(len("matrix"), *(len(row["matrix"]) for row in report)) + 2
     print("import report")
     print(f"  {'matrix':<{width}}" + "".join(f"{c:>14}" for c in columns))

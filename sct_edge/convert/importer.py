@@ -20,6 +20,14 @@ energy Σ kept s² / ‖W‖_F², and the relative error ‖W − U diag(s) Vᵀ
 identity is exact for both SVDs: each keeps an orthogonal projection P W of W (the leading singular subspace,
 or the subspace the randomized range finder found) whose singular values are exactly the kept s, and
 ‖W − P W‖² = ‖W‖² − ‖P W‖² by Pythagoras. So W_hat is never built.
+
+With a calibration text (`sct-edge import --calibrate`), the attention and MLP matrices are converted block by
+block instead: output-aware factors from the covariances of each matrix's inputs (`output_aware`, streamed by
+`calibration`), then block-wise recovery (`recovery`); the report adds each matrix's output energy kept, and
+`extra["import"]` the method, calibration files (sha256), token count, each block's output error before and after
+recovery, and the times. `--params-ratio` and `--size` spread ranks across matrices by output error (weight
+error without calibration) per stored number (`output_aware.allocate_ranks`). A fixed rank above a matrix's
+full rank is capped there, with a note.
 """
 
 from __future__ import annotations
@@ -38,11 +46,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from sct_edge.convert.calibration import BlockResult, CalibrationConfig, calibration_text, convert_blocks, output_gains
+from sct_edge.convert.output_aware import OutputSpectrum, RankCandidate, allocate_ranks
+from sct_edge.convert.recovery import recover_block
 from sct_edge.convert.source_model import SourceModel
 from sct_edge.errors import SctError
+from sct_edge.model.accounting import matrix_params
 from sct_edge.model.config import ATTN_MATRICES, COMPONENTS, MLP_MATRICES, ModelConfig, RankPolicy
 from sct_edge.model.spectral import truncated_svd
-from sct_edge.store.store import STATE_DTYPES, Store, block_shard
+from sct_edge.store.shardfile import DATA_ALIGN
+from sct_edge.store.store import STATE_DTYPES, Store, block_shard, store_layout
 
 FULL_SVD_MAX_DIM = 2048
 RANDOMIZED_MAX_FRACTION = 0.25
@@ -152,7 +165,8 @@ def _rank_for_kept(kept: Tensor, energy: float) -> int:
 
 @dataclass
 class RankSpec:
-    """How one component's matrices are converted: "dense", "rank" (value k), "energy" (value e) or "full"."""
+    """How one component's matrices are converted: "dense", "rank" (value k), "energy" (value e), "full", or
+    ranks spread by size: "params-ratio" (value R) or "size" (value: store bytes)."""
 
     mode: str
     value: float | int | None = None
@@ -184,13 +198,21 @@ class ImportPolicy:
     energy: float | None = None
     full_rank: bool = False
     dense: bool = False
+    params_ratio: float | None = None  # fraction of the dense attention + MLP numbers the factors may store
+    size: int | None = None  # target store bytes (weights and AdamW moments)
     components: dict[str, int | str | None] = field(default_factory=dict)
 
     def resolve(self, config: ModelConfig, source: str | Path) -> dict[str, RankSpec]:
         """The spec of each component present in `config` (no head when it is tied to the embedding)."""
-        chosen = [self.rank is not None, self.energy is not None, self.full_rank, self.dense]
+        chosen = [self.rank is not None, self.energy is not None, self.full_rank, self.dense,
+                  self.params_ratio is not None, self.size is not None]
         if sum(chosen) != 1:
-            raise SctError("give exactly one of --rank R, --energy E, --full-rank or --dense")
+            raise SctError("give exactly one of --rank R, --energy E, --params-ratio R, --size SIZE, --full-rank "
+                           "or --dense")
+        if self.params_ratio is not None and not 0.0 < self.params_ratio <= 1.0:
+            raise SctError(f"--params-ratio must be in (0, 1], not {self.params_ratio}")
+        if self.size is not None and self.size <= 0:
+            raise SctError(f"--size must be a positive number of bytes, not {self.size}")
         if self.rank is not None and self.rank < 1:
             raise SctError(f"--rank must be at least 1, not {self.rank}")
         if self.energy is not None and not 0.0 < self.energy <= 1.0:
@@ -200,6 +222,10 @@ class ImportPolicy:
             raise SctError(f"unknown component(s) {', '.join(sorted(unknown))} (known: {', '.join(COMPONENTS)})")
         if self.rank is not None:
             base = RankSpec("rank", self.rank)
+        elif self.params_ratio is not None:
+            base = RankSpec("params-ratio", self.params_ratio)
+        elif self.size is not None:
+            base = RankSpec("size", self.size)
         elif self.energy is not None:
             base = RankSpec("energy", self.energy)
         else:
@@ -249,15 +275,26 @@ def matrices(config: ModelConfig) -> list[Matrix]:
     return out
 
 
-def check_ranks(config: ModelConfig, specs: dict[str, RankSpec], source: str | Path) -> None:
-    """SctError naming the first matrix a fixed rank does not fit, before any work is done."""
+def capped_rank_notes(config: ModelConfig, specs: dict[str, RankSpec]) -> list[str]:
+    """A note per component whose fixed rank is above the full rank of some of its matrices: those matrices are
+    converted at their full rank min(out, in) instead (SmolLM2's k and v have 192 rows, so --rank 256 caps them)."""
+    capped: dict[str, list[Matrix]] = {}
     for m in matrices(config):
         spec = specs[m.component]
         if spec.mode == "rank" and spec.value > min(m.shape):
-            raise SctError(
-                f"{source}: rank {spec.value} for {m.path} is larger than its {m.shape[0]} x {m.shape[1]} matrix "
-                f"allows (at most {min(m.shape)}); lower the rank or give a per-component one"
-            )
+            capped.setdefault(m.component, []).append(m)
+    notes = []
+    for component, found in capped.items():
+        shapes = sorted({(m.shape, min(m.shape)) for m in found})
+        what = ", ".join(f"{out} x {n_in} at {full}" for (out, n_in), full in shapes)
+        notes.append(f"rank {specs[component].value} is above the full rank of {len(found)} {component} "
+                     f"matrices; they keep their full rank ({what})")
+    return notes
+
+
+def fixed_rank(spec: RankSpec, shape: tuple[int, int]) -> int:
+    """The rank a "rank" or "full" spec gives a matrix of `shape`: capped at its full rank."""
+    return min(shape) if spec.mode == "full" else min(int(spec.value), min(shape))
 
 
 def rank_policy(config: ModelConfig, specs: dict[str, RankSpec], ranks: dict[str, int]) -> RankPolicy:
@@ -267,10 +304,11 @@ def rank_policy(config: ModelConfig, specs: dict[str, RankSpec], ranks: dict[str
     for component, spec in specs.items():
         if spec.mode == "dense":
             continue
+        mine = {m.path: ranks[m.path] for m in matrices(config) if m.component == component}
         if spec.mode == "rank":
             setattr(policy, component, int(spec.value))
+            policy.overrides.update({path: rank for path, rank in mine.items() if rank != spec.value})  # capped
             continue
-        mine = {m.path: ranks[m.path] for m in matrices(config) if m.component == component}
         setattr(policy, component, max(mine.values()))
         policy.overrides.update(mine)
     energies = {float(spec.value) for spec in specs.values() if spec.mode == "energy"}
@@ -325,6 +363,8 @@ class ImportResult:
     seconds: float
     convert_seconds: float  # reading, dequantising and factoring
     write_seconds: float  # writing the store from the staged factors
+    notes: list[str] = field(default_factory=list)  # what the import changed of what it was asked (capped ranks)
+    blocks: list[dict] = field(default_factory=list)  # calibrated imports: each block's output error and recovery
 
 
 def _source_format(source: SourceModel) -> str:
@@ -345,16 +385,86 @@ def _finite(source: SourceModel, name: str) -> Tensor:
     return tensor
 
 
-def _convert(source: SourceModel, m: Matrix, spec: RankSpec) -> Factors:
+def _weight(source: SourceModel, m: Matrix) -> Tensor:
     w = _finite(source, m.tensor)
-    if m.component == "embed":
-        w = w.T  # the embedding's rows are tokens: as a linear map vocab -> dim it is (dim x vocab)
+    # the embedding's rows are tokens: as a linear map vocab -> dim it is (dim x vocab)
+    return w.T if m.component == "embed" else w
+
+
+def _convert(source: SourceModel, m: Matrix, spec: RankSpec, allocated: dict[str, int]) -> Factors:
+    w = _weight(source, m)
     try:
         if spec.mode == "energy":
             return factorize(w, energy=float(spec.value))
-        return factorize(w, rank=min(m.shape) if spec.mode == "full" else int(spec.value))
+        if spec.mode in SIZED:
+            return factorize(w, rank=allocated[m.path])
+        return factorize(w, rank=fixed_rank(spec, m.shape))
     except torch.linalg.LinAlgError as error:
         raise SctError(f"{source.path}: the SVD of tensor {m.tensor} failed ({error})") from None
+
+
+SIZED = ("params-ratio", "size")  # the modes whose ranks are spread across matrices by `allocate_ranks`
+
+
+def numbers_budget(config: ModelConfig, specs: dict[str, RankSpec], state_dtype: str, tokenizer_bytes: int = 0) -> int:
+    """Stored numbers the matrices of the sized components may take: --params-ratio R of their dense numbers,
+    or what --size leaves after everything else the store holds (each number is a float32 weight and two AdamW
+    moments in the state dtype; the tokenizer, the manifest, and each shard's header, padded to a page)."""
+    sized = [m for m in matrices(config) if specs[m.component].mode in SIZED]
+    spec = specs[sized[0].component]
+    if spec.mode == "params-ratio":
+        return math.floor(float(spec.value) * sum(m.shape[0] * m.shape[1] for m in sized))
+    per_number = 4 + 2 * STATE_DTYPES[state_dtype].itemsize
+    others = config.n_layers * 2 * config.dim + config.dim  # RMSNorm gains
+    for m in matrices(config):
+        other = specs[m.component]
+        if other.mode in SIZED:
+            continue
+        if other.mode == "energy":
+            raise SctError(f"--size cannot count the {m.component} matrices, whose ranks follow --energy: "
+                           f"give them a rank, 'full' or 'dense'")
+        rank = None if other.mode == "dense" else fixed_rank(other, m.shape)
+        others += matrix_params(m.shape[1], m.shape[0], rank)
+    # Shard headers: the tensor count of each shard is the layout's whatever the ranks; an entry of the safetensors
+    # JSON header takes well under 96 bytes, and the header is padded so the data starts on a page.
+    shape_only = RankPolicy(**{c: None if specs.get(c, RankSpec("dense")).mode == "dense" else 1 for c in COMPONENTS})
+    headers = sum(
+        DATA_ALIGN * math.ceil((8 + 96 * len(tensors)) / DATA_ALIGN)
+        for _, tensors in store_layout(config.with_ranks(shape_only), state_dtype).values()
+    )
+    # The manifest: config, rank overrides and the import report, a few hundred bytes a matrix (an allowance).
+    manifest = 16 * 1024 + 384 * len(matrices(config))
+    budget = (int(spec.value) - headers - manifest - tokenizer_bytes) // per_number - others
+    floor = sum(m.shape[0] + m.shape[1] + 1 for m in sized)
+    if budget < floor:
+        raise SctError(f"--size {int(spec.value):,} bytes is too small: the rest of the model already takes "
+                       f"{others * per_number:,} bytes and rank 1 everywhere needs {floor * per_number:,} more")
+    return budget
+
+
+def allocate(
+    source: SourceModel,
+    specs: dict[str, RankSpec],
+    state_dtype: str,
+    tokens: Tensor | None,
+    on_progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, int]:
+    """The rank of every matrix of a sized component (--params-ratio, --size), spread by output error per stored
+    number on the calibration `tokens`, or by weight error (the plain SVD's) without them. {} when none is sized."""
+    sized = [m for m in matrices(source.config) if specs[m.component].mode in SIZED]
+    if not sized:
+        return {}
+    budget = numbers_budget(source.config, specs, state_dtype, len(source.tokenizer.to_json().encode()))
+    if tokens is not None:
+        gains = output_gains(source, tokens, {m.path for m in sized}, on_progress)
+    else:
+        gains = {}
+        for done, m in enumerate(sized, 1):
+            power = torch.linalg.svdvals(_weight(source, m).to(torch.float64)) ** 2
+            gains[m.path] = power / power.sum().clamp_min(1e-300)
+            if on_progress is not None:
+                on_progress("measuring spectra", done, len(sized))
+    return allocate_ranks([RankCandidate(m.path, m.shape, gains[m.path]) for m in sized], budget)
 
 
 def import_model(
@@ -363,14 +473,19 @@ def import_model(
     policy: ImportPolicy,
     *,
     state_dtype: str = "float32",
+    calibration: CalibrationConfig | None = None,
     on_matrix: Callable[[dict, int, int], None] | None = None,
     on_shard: Callable[[str, int, int], None] | None = None,
+    on_progress: Callable[[str, int, int], None] | None = None,
 ) -> ImportResult:
     """Convert `source` into a new store at `store` (a new or empty directory) under `policy`.
 
-    `on_matrix(report_row, done, total)` follows the conversions, `on_shard(name, bytes_done, bytes_total)` the
-    store writing. On any failure nothing is left behind: the staging files go, and so does the store
-    directory if this call created it.
+    With `calibration`, the attention and MLP matrices are converted block by block with output-aware factors
+    measured on its text (`sct_edge.convert.calibration`), then recovered block-wise when it asks for that; the
+    embedding and head, when not dense, take the plain SVD. `on_matrix(report_row, done, total)` follows the
+    plain conversions, `on_progress(phase, blocks_done, blocks)` the calibrated passes, `on_shard(name,
+    bytes_done, bytes_total)` the store writing. On any failure nothing is left behind: the staging files go,
+    and so does the store directory if this call created it.
     """
     started = time.perf_counter()
     if not isinstance(source, SourceModel):
@@ -381,18 +496,30 @@ def import_model(
     if store.exists() and (not store.is_dir() or any(store.iterdir())):
         raise SctError(f"{store} already exists and is not empty: a store is imported into a new or empty directory")
     specs = policy.resolve(source.config, source.path)
-    check_ranks(source.config, specs, source.path)
+    notes = capped_rank_notes(source.config, specs)
+    text = None
+    if calibration is not None:
+        seq_len = min(calibration.seq_len, source.config.max_seq_len)
+        text = calibration_text(calibration.paths, source.tokenizer, calibration.tokens, seq_len)
     todo = [m for m in matrices(source.config) if specs[m.component].mode != "dense"]
     created = not store.exists()
     staging = Path(tempfile.mkdtemp(prefix=f".{store.name}.import-", dir=_existing_ancestor(store.parent)))
     try:
-        report = []
-        for done, m in enumerate(todo, 1):
-            factors = _convert(source, m, specs[m.component])
+        allocated = allocate(source, specs, state_dtype, None if text is None else text.tokens, on_progress)
+        allocated_at = time.perf_counter()
+        report, block_rows = [], []
+
+        def stage(path: str, U: Tensor, s: Tensor, V: Tensor) -> None:
             try:
-                save_file({"U": factors.U, "s": factors.s, "V": factors.V}, staging / f"{m.path}.safetensors")
+                save_file({"U": U.contiguous(), "s": s.contiguous(), "V": V.contiguous()},
+                          staging / f"{path}.safetensors")
             except OSError as error:
-                raise SctError(f"{staging}: cannot write the staged factors of {m.path} ({error.strerror})") from None
+                raise SctError(f"{staging}: cannot write the staged factors of {path} ({error.strerror})") from None
+
+        plain = todo if text is None else [m for m in todo if not m.path.startswith("layers.")]
+        for done, m in enumerate(plain, 1):
+            factors = _convert(source, m, specs[m.component], allocated)
+            stage(m.path, factors.U, factors.s, factors.V)
             row = {
                 "matrix": m.path,
                 "rank": factors.rank,
@@ -404,13 +531,68 @@ def import_model(
             report.append(row)
             del factors
             if on_matrix is not None:
-                on_matrix(row, done, len(todo))
+                on_matrix(row, done, len(plain))
+        if text is not None:
+
+            def choose_rank(path: str, spectrum: OutputSpectrum, shape: tuple[int, int]) -> int | None:
+                spec = specs[path.split(".")[2]]
+                if spec.mode == "dense":
+                    return None
+                if spec.mode == "energy":
+                    return spectrum.rank_for_output_energy(float(spec.value))
+                return allocated[path] if spec.mode in SIZED else fixed_rank(spec, shape)
+
+            def on_block(result: BlockResult) -> None:
+                for r in result.matrices:
+                    stage(r.path, r.U, r.s, r.V)
+                    report.append({
+                        "matrix": r.path,
+                        "rank": r.rank,
+                        "kept_energy": r.weight_energy,
+                        "output_energy": r.output_energy,
+                        "rel_error": math.sqrt(max(0.0, 1.0 - r.weight_energy)),
+                        "shape": list(r.shape),
+                        "svd": "output-aware",
+                    })
+                block_rows.append({"block": result.layer, "error_before": result.error_before,
+                               "error_after": result.error_after, **result.recovery})
+
+            recovery = calibration.recovery
+            recover = None
+            if recovery is not None and recovery.steps > 0:
+                def recover(block, inputs, targets, layer):
+                    return recover_block(block, inputs, targets, layer, recovery)
+
+            convert_blocks(source, text.tokens, choose_rank, sequential=calibration.sequential, recover=recover,
+                           on_block=on_block, on_progress=on_progress)
+            order = {m.path: i for i, m in enumerate(matrices(source.config))}
+            report.sort(key=lambda row: order[row["matrix"]])
         converted = time.perf_counter()
         ranks = {row["matrix"]: row["rank"] for row in report}
         config = source.config.with_ranks(rank_policy(source.config, specs, ranks))
         config.validate()
+        method = {
+            "method": "svd" if text is None else "output-aware",
+            "notes": notes,
+            "seconds": {"allocating": allocated_at - started, "converting": converted - allocated_at},
+        }
+        if allocated:
+            method["budget_numbers"] = numbers_budget(source.config, specs, state_dtype,
+                                                      len(source.tokenizer.to_json().encode()))
+        if text is not None:
+            method["calibration"] = {
+                "files": text.files,
+                "tokens": text.n_tokens,
+                "sequences": int(text.tokens.shape[0]),
+                "seq_len": int(text.tokens.shape[1]),
+                "statistics": "sequential" if calibration.sequential else "dense",
+            }
+            method["recovery"] = (None if calibration.recovery is None
+                                  else dataclasses.asdict(calibration.recovery))
+            method["blocks"] = block_rows
         extra = {
             "import_report": report,
+            "import": method,
             "imported_from": {
                 "path": str(source.path.resolve()),
                 "format": _source_format(source),
@@ -473,4 +655,6 @@ def import_model(
         seconds=finished - started,
         convert_seconds=converted - started,
         write_seconds=finished - converted,
+        notes=notes,
+        blocks=block_rows,
     )

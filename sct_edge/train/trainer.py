@@ -22,6 +22,7 @@ import torch
 
 from sct_edge.convert.tokenizer import ByteTokenizer, tokenizer_from_json
 from sct_edge.engine.adamw import OptimConfig
+from sct_edge.engine.flops import PEAK_SIZES, gemm_peak, training_step_flops
 from sct_edge.engine.plan import make_plan
 from sct_edge.engine.process import set_compute_threads
 from sct_edge.engine.profile import load_profile, resolve_device
@@ -312,6 +313,9 @@ class Trainer:
 
     def _loop(self, store, engine, sampler, corpus, settings, total, seq, commit_every, policy, plan) -> str:
         events, control, run = self.events, self.control, self.run_config
+        # MFU on the progress line: model FLOPs over this machine's fp32 GEMM peak, measured once here on the
+        # two smaller product sizes (a fraction of a second; `sct-edge bench step` measures all three).
+        peak = gemm_peak(self.profile.usable_threads(), sizes=PEAK_SIZES[:2]).flops_per_s
         started = time.monotonic()
         step = first_step = store.step
         last_commit = last_eval = step
@@ -379,6 +383,7 @@ class Trainer:
                 result = dataclasses.replace(result, loss=loss)
                 comm_s, comm_bytes = comm_s + stats.wait_s, comm_bytes + stats.bytes_sent
             step_s = time.perf_counter() - step_started
+            step_flops = sum(training_step_flops(store.config, x.shape[0], x.shape[1]) for x, _ in micro)
             memory = memory_snapshot()
             elapsed = time.monotonic() - started
             events.emit(StepEvent(
@@ -388,7 +393,7 @@ class Trainer:
                 budget_bytes=self.profile.memory_budget, resident_blocks=plan.resident_blocks,
                 ortho_err=result.ortho_err, grad_norm=result.grad_norm, battery=decision.battery,
                 temperature_c=decision.temperature_c, eta_s=elapsed / (step - first_step) * (total - step),
-                comm_s=comm_s, comm_bytes=comm_bytes,
+                comm_s=comm_s, comm_bytes=comm_bytes, mfu=step_flops / step_s / peak,
             ))
             if step % commit_every == 0 or control.commit_requested.is_set():
                 control.commit_requested.clear()

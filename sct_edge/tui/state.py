@@ -83,6 +83,7 @@ class RunView:
     phase_block: int | None = None  # the block being computed in that phase
     phases_announced: bool = False  # the writer announces the step's phases (else they are inferred)
     tokens_per_s: float | None = None
+    mfu: float | None = None  # model FLOPs utilisation of the last step (writers before it: None)
     step_s: float | None = None
     phase_s: dict[str, float] = field(default_factory=dict)
     eta_s: float | None = None
@@ -209,6 +210,7 @@ class RunView:
         s = self.smoothed_loss
         self.smoothed_loss = e.loss if s is None else SMOOTHING * s + (1 - SMOOTHING) * e.loss
         self.tokens_per_s, self.step_s, self.eta_s = e.tokens_per_s, e.step_s, e.eta_s
+        self.mfu = e.mfu
         self.bytes_read, self.bytes_written = e.bytes_read, e.bytes_written
         self.lr_spectral, self.lr_dense = e.lr_spectral, e.lr_dense
         self.ortho_err, self.grad_norm = e.ortho_err, e.grad_norm

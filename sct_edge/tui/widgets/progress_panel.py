@@ -53,6 +53,7 @@ class ProgressPanel(ViewWidget):
             v.phase_block,
             v.n_blocks,
             v.tokens_per_s,
+            v.mfu,
             v.step_s,
             v.eta_s,
             tuple(v.phase_s.items()),
@@ -80,11 +81,15 @@ class ProgressPanel(ViewWidget):
             head, bar(v.step / total, max(4, width - head.cell_length - pct.cell_length), "$primary"), pct
         )
         tokens = "–" if v.tokens_per_s is None else f"{v.tokens_per_s:,.0f}"
+        # MFU: model FLOPs a second over the machine's GEMM peak (runs recorded before it have none).
+        mfu = () if v.mfu is None else (("MFU ", "dim"), (f"{v.mfu:.0%}", "bold"), "  ")
+        mfu_short = () if v.mfu is None else (("MFU ", "dim"), (f"{v.mfu:.0%}", "bold"), " ")
         rate = fit(
             width,
             Content.assemble(
                 (tokens, "bold"),
                 (" tokens/s  ", "dim"),
+                *mfu,
                 fmt_duration(v.step_s),
                 (" a step  ", "dim"),
                 ("ETA ", "dim"),
@@ -93,6 +98,7 @@ class ProgressPanel(ViewWidget):
             Content.assemble(
                 (tokens, "bold"),
                 (" tok/s ", "dim"),
+                *mfu_short,
                 fmt_duration(v.step_s),
                 ("/step ", "dim"),
                 ("ETA ", "dim"),

@@ -1,0 +1,312 @@
+"""Calibrated conversion: output-aware truncation, ranks spread by size, sequential statistics and block-wise
+recovery (`sct_edge.convert.output_aware`, `calibration`, `recovery`, and `sct-edge import --calibrate`)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import TOY_CORPUS
+from test_import_export import TEXT, hf_config, hf_weights, reference_logits, store_logits, write_hf_dir
+
+from sct_edge.cli import main
+from sct_edge.convert.calibration import STAGES, CalibrationConfig, calibration_text, convert_blocks
+from sct_edge.convert.importer import ImportPolicy, import_model, open_source
+from sct_edge.convert.output_aware import (
+    CovarianceRoot,
+    RankCandidate,
+    allocate_ranks,
+    output_aware_factors,
+    output_spectrum,
+    uniform_rank,
+)
+from sct_edge.convert.recovery import RecoveryConfig
+from sct_edge.errors import SctError
+from sct_edge.model.config import RankPolicy
+from sct_edge.model.retraction import orthonormality_error
+from sct_edge.model.transformer import Transformer, dense_config
+from sct_edge.store.store import Store, block_shard
+
+gguf = pytest.importorskip("gguf")
+
+CALIB_TEXT = " ".join(
+    f"{sentence} Item {i} of the list is {i * 37 % 101}." for i in range(60) for sentence in TOY_CORPUS[:3]
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny shapes: a second torch thread only adds wake-up latency (tens of times slower on a busy machine);
+    conftest's autouse fixture restores the thread count afterwards."""
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def model_dir(tmp_path, toy_bpe):
+    config = hf_config(toy_bpe.get_vocab_size())
+    weights = hf_weights(config)
+    data = write_hf_dir(tmp_path / "hf-model", config, weights, toy_bpe)
+    (tmp_path / "calib.txt").write_text(CALIB_TEXT)
+    return tmp_path / "hf-model", weights, data
+
+
+def calibration(tmp_path, **kwargs) -> CalibrationConfig:
+    return CalibrationConfig(paths=[tmp_path / "calib.txt"], tokens=1024, seq_len=32, **kwargs)
+
+
+def anisotropic_inputs(n_in: int, n_tokens: int, seed: int = 0) -> torch.Tensor:
+    """in x tokens with a decaying spread per direction, as real activations have."""
+    g = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(n_in, n_in, generator=g, dtype=torch.float64))
+    scales = torch.logspace(1, -2, n_in, dtype=torch.float64)
+    return basis @ (scales[:, None] * torch.randn(n_in, n_tokens, generator=g, dtype=torch.float64))
+
+
+def output_error(w: torch.Tensor, w_hat: torch.Tensor, x: torch.Tensor) -> float:
+    return float(((w.to(torch.float64) - w_hat.to(torch.float64)) @ x).norm())
+
+
+def dense_of(f) -> torch.Tensor:
+    return (f.V.to(torch.float64) * f.s.to(torch.float64)) @ f.U.to(torch.float64).T
+
+
+# ------------------------------------------------------------------------------------------ closed form
+
+
+@pytest.mark.parametrize("shape", [(12, 9), (9, 12)])  # wider output (SVD of W S), narrower (eigh of W C Wᵀ)
+@pytest.mark.parametrize("n_tokens", [60, 5])  # C full rank, then singular
+def test_closed_form_is_the_optimum_and_beats_plain_svd(shape, n_tokens):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(shape, generator=g, dtype=torch.float64)
+    x = anisotropic_inputs(shape[1], n_tokens)
+    k = 3
+    spectrum = output_spectrum(w, CovarianceRoot(x @ x.T))
+    f = output_aware_factors(w, spectrum, k)
+    ours = output_error(w, dense_of(f), x)
+
+    # the optimum by another road: Eckart-Young on W X, mapped back by the pseudo-inverse of X
+    a, sigma, bt = torch.linalg.svd(w @ x, full_matrices=False)
+    optimum = float(sigma[k:].pow(2).sum().sqrt())
+    via_pinv = ((a[:, :k] * sigma[:k]) @ bt[:k]) @ torch.linalg.pinv(x)
+    assert output_error(w, via_pinv, x) == pytest.approx(optimum, rel=1e-6)
+    assert ours == pytest.approx(optimum, rel=1e-5, abs=1e-6)
+    assert f.output_energy == pytest.approx(1 - optimum**2 / float((w @ x).norm() ** 2), abs=1e-6)
+    assert f.weight_energy == pytest.approx(float(dense_of(f).norm() ** 2 / w.norm() ** 2), rel=1e-5)
+
+    # brute force: alternating least squares on rank-k products A B from random starts finds nothing better
+    best = float("inf")
+    for seed in range(2):
+        a_ = torch.randn(shape[0], k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        for _ in range(300):
+            b_ = torch.linalg.lstsq(a_, w @ x).solution @ torch.linalg.pinv(x)  # best B for this A
+            a_ = torch.linalg.lstsq((b_ @ x).T, (w @ x).T).solution.T  # best A for this B
+        best = min(best, output_error(w, a_ @ b_, x))
+    assert ours <= best * (1 + 1e-6) + 1e-9
+    assert best == pytest.approx(optimum, rel=1e-4, abs=1e-6)
+
+    plain = torch.linalg.svd(w, full_matrices=False)
+    plain_w = (plain.U[:, :k] * plain.S[:k]) @ plain.Vh[:k]
+    assert ours < output_error(w, plain_w, x)
+
+
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40), (16, 16)])
+def test_factors_are_orthonormal(shape):
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(shape, generator=g)
+    for n_tokens in (100, 7):  # the second makes C singular
+        x = anisotropic_inputs(shape[1], n_tokens)
+        spectrum = output_spectrum(w, CovarianceRoot(x @ x.T))
+        for k in (1, 5, min(shape)):
+            f = output_aware_factors(w, spectrum, k)
+            assert f.U.shape == (shape[1], k) and f.V.shape == (shape[0], k) and f.s.shape == (k,)
+            assert orthonormality_error(f.U) < 1e-6 and orthonormality_error(f.V) < 1e-6
+            assert bool((f.s[:-1] >= f.s[1:]).all()) and bool((f.s >= 0).all())
+
+
+def test_ranks_are_spread_by_output_error_per_stored_number():
+    flat = torch.full((32,), 1 / 32, dtype=torch.float64)  # every direction matters as much
+    steep = torch.tensor([0.9] + [0.1 / 31] * 31, dtype=torch.float64)  # one direction carries 90 %
+    candidates = [RankCandidate("flat", (32, 32), flat), RankCandidate("steep", (32, 32), steep)]
+    budget = 2 * 32 * 32 // 2  # half the dense numbers
+    ranks = allocate_ranks(candidates, budget)
+    assert sum(r * 65 for r in ranks.values()) <= budget
+    assert budget - sum(r * 65 for r in ranks.values()) < 65  # nothing that fits is left unspent
+    floor = uniform_rank((32, 32), 0.5) // 2
+    assert ranks["steep"] == floor and ranks["flat"] > ranks["steep"]
+    with pytest.raises(SctError, match="does not cover the rank floors"):
+        allocate_ranks(candidates, 10)
+
+
+# ----------------------------------------------------------------------------------- through the model
+
+
+def test_full_rank_calibrated_import_reproduces_the_dense_logits(tmp_path, model_dir, toy_bpe):
+    directory, weights, data = model_dir
+    result = import_model(directory, tmp_path / "store", ImportPolicy(full_rank=True),
+                          calibration=calibration(tmp_path, recovery=None))
+    ids = toy_bpe.encode(TEXT).ids
+    reference = reference_logits(weights, data, ids)
+    logits = store_logits(tmp_path / "store", ids)
+    assert (logits - reference).abs().max() < 1e-4 * reference.abs().max()
+    blocks = [row for row in result.report if row["matrix"].startswith("layers.")]
+    assert {row["svd"] for row in blocks} == {"output-aware"}
+    assert all(row["output_energy"] == pytest.approx(1.0, abs=1e-9) for row in blocks)
+    assert all(b["error_before"] < 1e-5 for b in result.blocks)
+
+
+def whole_model_covariances(model: Transformer, tokens: torch.Tensor) -> dict[tuple[int, str], torch.Tensor]:
+    """Σ x xᵀ of the input of each block's q, o, gate and down, by hooks on a model held whole in RAM."""
+    found: dict[tuple[int, str], torch.Tensor] = {}
+    hooks = []
+    for layer, block in enumerate(model.layers):
+        for stage, names in STAGES:
+            part, name = names[0].split(".")
+
+            def hook(module, args, key=(layer, stage)):
+                flat = args[0].detach().to(torch.float64).flatten(0, 1)
+                found[key] = found.get(key, 0) + flat.T @ flat
+
+            hooks.append(getattr(getattr(block, part), name).register_forward_pre_hook(hook))
+    with torch.no_grad():
+        model(tokens)
+    for h in hooks:
+        h.remove()
+    return found
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_streamed_statistics_equal_a_whole_model_reference(tmp_path, model_dir, sequential):
+    directory, _, _ = model_dir
+    source = open_source(directory)
+    tokens = calibration_text([tmp_path / "calib.txt"], source.tokenizer, 512, 32).tokens
+    streamed, factors = {}, {}
+
+    def keep(result):
+        for r in result.matrices:
+            factors[r.path] = (r.U, r.s, r.V)
+
+    convert_blocks(source, tokens, lambda path, spectrum, shape: 5, sequential=sequential, on_block=keep,
+                   on_statistics=lambda layer, stage, c: streamed.__setitem__((layer, stage), c))
+
+    dense = Transformer(dense_config(source.config), spectral=False, device="meta")
+    dense.load_state_dict(dict(source.tensors()), assign=True)
+    converted = Transformer(source.config.with_ranks(RankPolicy(attn=5, mlp=5, embed=None, head=None)), device="meta")
+    state = {name: t for name, t in source.tensors() if not any(name == f"{p}.weight" for p in factors)}
+    for path, (U, s, V) in factors.items():
+        state.update({f"{path}.U": U, f"{path}.s": s, f"{path}.V": V})
+    converted.load_state_dict(state, assign=True)
+    reference = whole_model_covariances(converted if sequential else dense, tokens)
+    assert set(reference) == set(streamed)
+    for key, c in reference.items():
+        assert torch.allclose(streamed[key], c, rtol=1e-4, atol=1e-4 * float(c.abs().max())), key
+    if sequential:  # block 1's statistics differ from the dense model's: it is fitted to block 0's errors
+        dense_c = whole_model_covariances(dense, tokens)[(1, "attn_in")]
+        assert not torch.allclose(streamed[(1, "attn_in")], dense_c, rtol=1e-3)
+
+
+def test_recovery_lowers_every_block_error_and_keeps_the_factors_orthonormal(tmp_path, model_dir):
+    directory, _, _ = model_dir
+    result = import_model(directory, tmp_path / "store", ImportPolicy(rank=6),
+                          calibration=calibration(tmp_path, recovery=RecoveryConfig(steps=40, lr=3e-3)))
+    assert len(result.blocks) == 2
+    for block in result.blocks:
+        assert block["error_after"] < 0.9 * block["error_before"]
+        assert block["last_loss"] < block["first_loss"]
+    with Store.open(tmp_path / "store") as store:
+        shard = store.read(block_shard(0))
+        imported = store.extra["import"]
+    for key, t in shard.items():
+        if key.endswith((".U", ".V")):
+            assert orthonormality_error(t) < 1e-5, key
+    assert imported["method"] == "output-aware" and imported["calibration"]["tokens"] == 1024
+    assert imported["calibration"]["statistics"] == "sequential" and imported["recovery"]["steps"] == 40
+    assert len(imported["calibration"]["files"][0]["sha256"]) == 64
+
+
+def test_a_calibrated_import_keeps_more_of_the_model_than_plain_svd(tmp_path, model_dir, toy_bpe):
+    directory, weights, data = model_dir
+    ids = toy_bpe.encode(CALIB_TEXT[-400:]).ids[:60]
+    reference = reference_logits(weights, data, ids)
+    errors = {}
+    for name, calib in (("plain", None), ("calibrated", calibration(tmp_path, recovery=None))):
+        import_model(directory, tmp_path / name, ImportPolicy(params_ratio=0.5), calibration=calib)
+        errors[name] = float((store_logits(tmp_path / name, ids) - reference).norm())
+    assert errors["calibrated"] < errors["plain"]
+
+
+# ------------------------------------------------------------------------------------ ranks by size, CLI
+
+
+def test_params_ratio_and_size_budgets(tmp_path, model_dir):
+    directory, _, _ = model_dir
+    result = import_model(directory, tmp_path / "ratio", ImportPolicy(params_ratio=0.6),
+                          calibration=calibration(tmp_path, recovery=None))
+    blocks = [row for row in result.report if row["matrix"].startswith("layers.")]
+    stored = sum(r["rank"] * (sum(r["shape"]) + 1) for r in blocks)
+    dense = sum(r["shape"][0] * r["shape"][1] for r in blocks)
+    assert 0.6 * dense - max(sum(r["shape"]) + 1 for r in blocks) < stored <= 0.6 * dense
+    for r in blocks:  # the floor: at least half the uniform rank
+        assert r["rank"] >= uniform_rank(tuple(r["shape"]), 0.6) // 2
+
+    with Store.open(tmp_path / "ratio") as store:
+        target = store.committed_bytes()
+    import_model(directory, tmp_path / "size", ImportPolicy(size=target))
+    with Store.open(tmp_path / "size") as store:
+        size = store.committed_bytes()
+    assert 0.9 * target < size <= target
+    with pytest.raises(SctError, match="--size 200,000 bytes is too small"):
+        import_model(directory, tmp_path / "small", ImportPolicy(size=200_000))
+
+
+def test_cli_calibrated_import_and_inspect(tmp_path, model_dir, capsys):
+    directory, _, _ = model_dir
+    store = tmp_path / "store"
+    argv = ["import", str(directory), str(store), "--params-ratio", "0.8", "--calibrate", str(tmp_path / "calib.txt"),
+            "--calib-tokens", "512", "--calib-seq-len", "32", "--recover-steps", "5", "--threads", "1", "--quiet"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "calibrated on 512 tokens" in out and "after 5 recovery steps" in out
+    assert main(["inspect", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert "output_energy" in out and "output-aware" in out and "block" in out
+    assert main(["inspect", str(store), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["import"]["method"] == "output-aware" and len(info["import"]["blocks"]) == 2
+
+
+def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, model_dir, capsys):
+    directory, _, _ = model_dir
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "short.txt").write_text("Too short.")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("keep me")
+    base = ["import", str(directory), "--quiet"]
+    cases = [
+        (["--rank", "4", "--calibrate", str(tmp_path / "missing.txt")], "missing.txt: no such calibration text file"),
+        (["--rank", "4", "--calibrate", str(tmp_path / "empty.txt")], "empty.txt: the calibration text is empty"),
+        (["--rank", "4", "--calibrate", str(tmp_path / "short.txt")], "tokens of calibration text, fewer than"),
+        (["--params-ratio", "0", "--calibrate", str(tmp_path / "calib.txt")], "--params-ratio must be in (0, 1]"),
+        (["--params-ratio", "1.2"], "--params-ratio must be in (0, 1]"),
+        (["--rank", "4", "--recover-steps", "3"], "--recover-steps needs --calibrate"),
+    ]
+    for flags, message in cases:
+        assert main(base[:2] + [str(tmp_path / "new")] + base[2:] + flags) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("sct-edge: error: ") and message in err and "\n" not in err, err
+    assert main(base[:2] + [str(tmp_path / "taken")] + base[2:] + ["--rank", "4", "--calibrate",
+                                                                  str(tmp_path / "calib.txt")]) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "empty.txt", "hf-model", "short.txt", "taken"]
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["notes.txt"]
+
+
+def test_calibration_text_is_whole_sequences_with_digests(tmp_path, model_dir):
+    import hashlib
+
+    directory, _, _ = model_dir
+    source = open_source(directory)
+    text = calibration_text([tmp_path / "calib.txt"], source.tokenizer, 100, 32)
+    assert text.tokens.shape == (3, 32) and text.n_tokens == 96
+    assert text.tokens.flatten().tolist() == source.tokenizer.encode(CALIB_TEXT)[:96]
+    assert text.files[0]["sha256"] == hashlib.sha256(CALIB_TEXT.encode()).hexdigest()
