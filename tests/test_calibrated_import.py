@@ -310,3 +310,19 @@ def test_calibration_text_is_whole_sequences_with_digests(tmp_path, model_dir):
     assert text.tokens.shape == (3, 32) and text.n_tokens == 96
     assert text.tokens.flatten().tolist() == source.tokenizer.encode(CALIB_TEXT)[:96]
     assert text.files[0]["sha256"] == hashlib.sha256(CALIB_TEXT.encode()).hexdigest()
+
+
+def test_jsonl_calibration_reads_examples_as_run_does(tmp_path, model_dir):
+    from test_import_export import TEMPLATE
+
+    directory, _, _ = model_dir
+    source = open_source(directory)
+    chat = {"messages": [{"role": "user", "content": "What is the capital of France?"},
+                         {"role": "assistant", "content": "Paris."}]}
+    (tmp_path / "calib.jsonl").write_text("\n".join(json.dumps(chat) for _ in range(40)) + "\n")
+    text = calibration_text([tmp_path / "calib.jsonl"], source.tokenizer, 64, 32, TEMPLATE)
+    decoded = source.tokenizer.decode(text.tokens.flatten().tolist(), skip_special_tokens=False)
+    assert decoded.startswith("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{not json\n')
+    with pytest.raises(SctError, match="bad.jsonl:2"):
+        calibration_text([tmp_path / "bad.jsonl"], source.tokenizer, 64, 32, TEMPLATE)

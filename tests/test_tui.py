@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import configparser
+import dataclasses
 import json
 import os
 import shutil
@@ -282,8 +283,7 @@ def test_progress_shows_mfu_next_to_tokens_per_second(recorded):
     events = mid_step(recorded)
     last = [e for e in events if isinstance(e, StepEvent)][-1]
     assert last.mfu is None
-    events.append(StepEvent(**{**{f: getattr(last, f) for f in last.__dataclass_fields__}, "step": last.step + 1,
-                               "mfu": 0.437}))
+    events.append(dataclasses.replace(last, step=last.step + 1, mfu=0.437))
 
     async def scenario():
         app = SctEdgeApp(ReplaySource(events))

@@ -91,8 +91,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         nargs="+",
         type=Path,
         metavar="PATH",
-        help="UTF-8 text file(s) to calibrate on: each matrix keeps its outputs on this text rather than its "
-        "weights (and --energy is measured on outputs)",
+        help="UTF-8 text file(s), or .jsonl files in the formats `run` reads (text, prompt/completion, chat "
+        "messages rendered with the model's template), to calibrate on: each matrix keeps its outputs on this "
+        "text rather than its weights (and --energy is measured on outputs)",
     )
     calib.add_argument(
         "--calib-tokens", type=int, default=16384, help="calibration tokens, from the start of the text (default 16384)"
@@ -112,6 +113,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--recover-steps",
         type=int,
         help="steps of block-wise recovery after each block is converted (default 100 with --calibrate; 0: none)",
+    )
+    calib.add_argument(
+        "--recover-tokens", type=int, default=RecoveryConfig.batch_tokens, help="calibration tokens a recovery step "
+        f"trains on, whole sequences drawn at random (default {RecoveryConfig.batch_tokens})"
     )
     calib.add_argument(
         "--recover-lr", type=float, default=RecoveryConfig.lr, help=f"AdamW learning rate of recovery on U, s and V "
@@ -156,12 +161,14 @@ def calibration_config(args: argparse.Namespace) -> CalibrationConfig | None:
         raise SctError(f"--recover-steps must be 0 or more, not {steps}")
     if args.recover_lr <= 0:
         raise SctError(f"--recover-lr must be positive, not {args.recover_lr}")
+    if args.recover_tokens < 1:
+        raise SctError(f"--recover-tokens must be at least 1, not {args.recover_tokens}")
     return CalibrationConfig(
         paths=list(args.calibrate),
         tokens=args.calib_tokens,
         seq_len=args.calib_seq_len,
         sequential=args.statistics == "sequential",
-        recovery=RecoveryConfig(steps=steps, lr=args.recover_lr) if steps else None,
+        recovery=RecoveryConfig(steps=steps, lr=args.recover_lr, batch_tokens=args.recover_tokens) if steps else None,
     )
 
 

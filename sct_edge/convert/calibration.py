@@ -36,6 +36,7 @@ from sct_edge.errors import SctError
 from sct_edge.model.config import ModelConfig
 from sct_edge.model.spectral import SpectralLinear
 from sct_edge.model.transformer import Block, dense_config, rope_tables
+from sct_edge.train.examples import example_texts
 
 # The matrices of a block grouped by the input they read, in the order the converted stream reaches them.
 STAGES = (
@@ -73,10 +74,13 @@ class CalibrationText:
         return self.tokens.numel()
 
 
-def calibration_text(paths: list[Path], tokenizer: Tokenizer, n_tokens: int, seq_len: int) -> CalibrationText:
+def calibration_text(
+    paths: list[Path], tokenizer: Tokenizer, n_tokens: int, seq_len: int, chat_template: str | None = None
+) -> CalibrationText:
     """The first `n_tokens` tokens of the files' texts (joined by blank lines), as `n_tokens // seq_len`
-    sequences. A missing, unreadable, empty or non-UTF-8 file, or too little text for `n_tokens`, is a
-    SctError naming it."""
+    sequences. A `.jsonl` file is read as `run` reads training data (text, prompt/completion or chat messages,
+    the latter rendered with `chat_template`) and each example's text is taken whole. A missing, unreadable,
+    empty or non-UTF-8 file, or too little text for `n_tokens`, is a SctError naming it."""
     if seq_len < 2:
         raise SctError(f"the calibration sequence length must be at least 2, not {seq_len}")
     if n_tokens < seq_len:
@@ -95,6 +99,8 @@ def calibration_text(paths: list[Path], tokenizer: Tokenizer, n_tokens: int, seq
         except UnicodeDecodeError as error:
             where = f"{error.reason} at byte {error.start}"
             raise SctError(f"{path}: the calibration text is not UTF-8 ({where})") from None
+        if path.suffix.lower() == ".jsonl" and text.strip():
+            text = "\n\n".join(example_texts(path, tokenizer, chat_template))
         if not text.strip():
             raise SctError(f"{path}: the calibration text is empty")
         texts.append(text)

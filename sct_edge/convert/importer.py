@@ -500,7 +500,8 @@ def import_model(
     text = None
     if calibration is not None:
         seq_len = min(calibration.seq_len, source.config.max_seq_len)
-        text = calibration_text(calibration.paths, source.tokenizer, calibration.tokens, seq_len)
+        text = calibration_text(calibration.paths, source.tokenizer, calibration.tokens, seq_len,
+                                source.chat_template)
     todo = [m for m in matrices(source.config) if specs[m.component].mode != "dense"]
     created = not store.exists()
     staging = Path(tempfile.mkdtemp(prefix=f".{store.name}.import-", dir=_existing_ancestor(store.parent)))
