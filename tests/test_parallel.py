@@ -18,6 +18,8 @@ from test_train import assert_bit_identical, sct, store_tensors
 from sct_edge.errors import SctError
 from sct_edge.events import StepEvent, read_events
 from sct_edge.parallel.world import World, detect_world, expand_rank
+from sct_edge.tui.state import fold
+from sct_edge.tui.widgets.status_panel import replicas_line
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Spectral factors train on small devices. " * 120)
 TINY = ["--profile", "ci", "--no-tui", "--preset", "tiny", "--rank", "8", "--seq", "32", "--eval-every", "0",
@@ -77,6 +79,10 @@ def test_replicas_are_bit_identical_and_equal_one_process_on_the_combined_batch(
     events = read_events(tmp_path / "r1.runs" / "events.jsonl")
     steps_seen = [e for e in events if isinstance(e, StepEvent)]
     assert len(steps_seen) == 3 and all(e.comm_bytes > 0 for e in steps_seen)
+    # What `sct-edge watch` on rank 1's run directory shows of the replicas.
+    view = fold(events)
+    assert (view.rank, view.world_size, view.comm_bytes) == (1, 2, steps_seen[-1].comm_bytes)
+    assert replicas_line(view, 80).plain.startswith("rank 1 of 2  exchange ")
 
 
 def test_a_killed_rank_restarts_and_the_run_ends_bit_identical(tmp_path, text):

@@ -65,6 +65,8 @@ class RunView:
     activations: str | None = None
     started_at: float | None = None
     schema: int = LEGACY_SCHEMA
+    rank: int = 0  # across replicas: this run's rank and how many there are
+    world_size: int = 1
     # RAM: the latest `memory` or `step` reading.
     budget_bytes: int | None = None
     rss_bytes: int | None = None
@@ -89,6 +91,8 @@ class RunView:
     eta_s: float | None = None
     bytes_read: int | None = None
     bytes_written: int | None = None
+    comm_s: float | None = None  # across replicas: the last step's exchange wait and bytes sent
+    comm_bytes: int | None = None
     # Curves and numbers.
     losses: list[float] = field(default_factory=list)
     min_loss: float | None = None
@@ -147,6 +151,7 @@ class RunView:
         self.prefetch_depth = e.prefetch_depth
         self.predicted_peak_bytes = e.predicted_peak_bytes
         self.activations = e.activations
+        self.rank, self.world_size = e.rank, e.world_size
         self.budget_bytes = e.budget_bytes
         self.total_steps = e.total_steps
         self.start_step = self.step = e.start_step
@@ -212,6 +217,7 @@ class RunView:
         self.tokens_per_s, self.step_s, self.eta_s = e.tokens_per_s, e.step_s, e.eta_s
         self.mfu = e.mfu
         self.bytes_read, self.bytes_written = e.bytes_read, e.bytes_written
+        self.comm_s, self.comm_bytes = e.comm_s, e.comm_bytes
         self.lr_spectral, self.lr_dense = e.lr_spectral, e.lr_dense
         self.ortho_err, self.grad_norm = e.ortho_err, e.grad_norm
         self.battery, self.temperature_c = e.battery, e.temperature_c

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from textual.content import Content
 
-from sct_edge.tui.format import fit
+from sct_edge.tui.format import fit, fmt_bytes
 from sct_edge.tui.state import PAUSE_TEXT, RunView
 from sct_edge.tui.widgets.base import ViewWidget
 
@@ -41,6 +41,14 @@ def sensors_line(v: RunView, width: int) -> Content:
     return fit(width, Content.assemble(battery, "  ", temp), battery)
 
 
+def replicas_line(v: RunView, width: int) -> Content:
+    """Across replicas: which rank this screen shows and what the last step's exchange cost."""
+    exchange = ("  exchange ", "dim"), "–" if v.comm_bytes is None else f"{fmt_bytes(v.comm_bytes)}"
+    waited = ("" if v.comm_s is None else f" sent, waited {v.comm_s:.2f} s", "dim")
+    rank = (("rank ", "dim"), f"{v.rank} of {v.world_size}")
+    return fit(width, Content.assemble(*rank, *exchange, waited), Content.assemble(*rank))
+
+
 def commit_line(v: RunView, width: int) -> Content:
     committed = "none yet" if v.last_commit_step is None else f"step {v.last_commit_step}"
     return fit(
@@ -66,6 +74,7 @@ class StatusPanel(ViewWidget):
         super().__init__(view, id=id)
         self.note: str | None = None
         self.shows_error = False
+        self.shows_replicas = False
 
     def signature(self, v: RunView) -> tuple:
         return (
@@ -82,18 +91,24 @@ class StatusPanel(ViewWidget):
             v.batch,
             v.seq,
             v.last_error,
+            v.world_size,
+            v.comm_bytes,
+            v.comm_s,
         )
 
     def show(self, view: RunView) -> None:
         self.border_subtitle = self.note or ""
         super().show(view)
-        if bool(view.last_error) != self.shows_error:
+        if bool(view.last_error) != self.shows_error or (view.world_size > 1) != self.shows_replicas:
             self.shows_error = bool(view.last_error)
+            self.shows_replicas = view.world_size > 1
             self.refresh(layout=True)  # one more line
 
     def render(self) -> Content:
         v, width = self.view, self.content_size.width
         lines = [policy_line(v), sensors_line(v, width), commit_line(v, width)]
+        if v.world_size > 1:
+            lines.insert(1, replicas_line(v, width))
         if v.last_error:
             lines.append(Content.styled(f"error: {v.last_error}", "bold $error"))
         return Content("\n").join(lines)
