@@ -130,6 +130,7 @@ def test_the_byte_level_default_exports_as_a_byte_bpe_vocabulary(tmp_path):
     symbols = byte_to_unicode()
     assert field["tokenizer.ggml.tokens"] == [symbols[b] for b in range(256)]
     assert field["tokenizer.ggml.merges"] == []
+    assert field["tokenizer.ggml.pre"] == "gpt-2"  # llama.cpp's name for GPT-2's split
     assert field["tokenizer.ggml.eos_token_id"] == 0
     assert "tokenizer.chat_template" not in field
     text = "héllo, wörld 123 😀"

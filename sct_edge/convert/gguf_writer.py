@@ -42,7 +42,7 @@ from sct_edge.store.store import Store
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 DEFAULT_OUTTYPE = "f16"
 # What llama.cpp's `tokenizer.ggml.pre` says for each pre-tokenizer family the GGUF reader knows.
-_PRE_NAME = {"gpt2": "gpt2", "digits+gpt2": "smollm", "llama3": "llama-bpe", "qwen2": "qwen2"}
+_PRE_NAME = {"gpt2": "gpt-2", "digits+gpt2": "smollm", "llama3": "llama-bpe", "qwen2": "qwen2"}
 # The byte-level model's EOS: the NUL byte (see the module docstring).
 _BYTE_MODEL_EOS = 0
 
@@ -134,7 +134,7 @@ def _byte_vocabulary() -> GGUFVocabulary:
         tokens=[symbols[b] for b in range(256)],
         token_types=[int(gguf.TokenType.NORMAL)] * 256,
         merges=[],
-        pre="gpt2",
+        pre="gpt-2",
         bos_id=None,
         eos_id=_BYTE_MODEL_EOS,
         add_bos=False,
