@@ -213,3 +213,18 @@ def test_sync_every_matches_a_hand_written_two_replica_diloco(tmp_path, text):
     for n in names:
         for key, value in anchor[n].items():
             torch.testing.assert_close(diloco[f"{n}/{key}"], value, rtol=1e-5, atol=1e-5, msg=f"{n}/{key}")
+
+
+def test_the_plan_counts_the_exchange_buffers():
+    from sct_edge.engine.plan import make_plan
+    from sct_edge.engine.profile import load_profile
+    from sct_edge.model.config import get_preset
+
+    config, profile = get_preset("sct-70b"), load_profile("steamdeck")
+    alone = make_plan(config, profile, 1, 8, 1, "hidden-sum")
+    fp32 = make_plan(config, profile, 1, 8, 1, "hidden-sum", replicas=2)
+    bf16 = make_plan(config, profile, 1, 8, 1, "hidden-sum", replicas=2, grad_dtype="bfloat16")
+    assert alone.comm_buffer_bytes == 0 and fp32.comm_buffer_bytes > bf16.comm_buffer_bytes > 0
+    assert fp32.predicted_peak_bytes - alone.predicted_peak_bytes == fp32.comm_buffer_bytes
+    # Two shards in flight, each: gradient bucket + weight bucket + averaged gradients (fp32, all blocks resident).
+    assert fp32.comm_buffer_bytes == 2 * 3 * 4 * fp32.block_params

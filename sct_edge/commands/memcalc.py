@@ -100,6 +100,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a run directory (its events.jsonl) or a JSON file from `sct-edge bench step --json`: "
         "print the measured figures beside the prediction",
     )
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="ranks training the model together under torchrun: adds the gradient exchange's buffers")
+    parser.add_argument("--grad-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="dtype of the gradients the replicas exchange")
     parser.add_argument("--json", action="store_true", help="one JSON object with stable keys instead of tables")
 
 
@@ -515,7 +519,10 @@ def run(args: argparse.Namespace) -> int:
         profile.memory_budget = int(setup["budget_bytes"])
     read_speed = parse_size(args.read_speed, "--read-speed")
     write_speed = parse_size(args.write_speed, "--write-speed")
-    plan = make_plan(config, profile, batch, seq, micro, workload, read_speed, write_speed)
+    if args.replicas < 1:
+        raise SctError("--replicas must be at least 1")
+    plan = make_plan(config, profile, batch, seq, micro, workload, read_speed, write_speed, args.replicas,
+                     args.grad_dtype)
     report = build_report(config, label, plan, measured)
     if args.json:
         print(json.dumps(report))

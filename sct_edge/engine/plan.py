@@ -19,6 +19,10 @@ What RAM holds during a step (the terms of `MemoryPlan`):
   and only a paged block is recomputed.
 - the logits working set ("lm"): batch × seq × vocab × 3 (logits, log-softmax, their gradient).
 - the runtime: `RUNTIME_OVERHEAD_BYTES` for the Python + torch process itself.
+- across replicas (torchrun, `replicas` > 1): the gradient exchange keeps two shards in flight behind the
+  backward (`sct_edge/parallel/replicas.py`): per shard a gradient bucket (float32, or bfloat16 with
+  `grad_dtype`), a weight bucket for the broadcast, and on the owner the averaged gradients; those two shards'
+  weights and gradients stay in RAM until their exchange ends.
 
 Activation elements take the profile's compute dtype (4 B for float32, 2 B for bfloat16); the formulas were
 checked against autograd's saved tensors and the process's peak RSS in float32 on the CPU.
@@ -126,6 +130,8 @@ class MemoryPlan:
     block_working_set_bytes: int
     logits_bytes: int
     runtime_overhead_bytes: int
+    replicas: int  # ranks training the model together (1: a single process)
+    comm_buffer_bytes: int  # across replicas: exchange buckets and the shards held in flight
     predicted_peak_bytes: int
     store_bytes: int
     io_read_bytes_per_step: int
@@ -216,6 +222,9 @@ class MemoryPlan:
         lines.append(f"  one block's backward working set: {b(self.block_working_set_bytes)}")
         if self.workload == "lm":
             lines.append(f"  logits working set: {b(self.logits_bytes)}")
+        if self.replicas > 1:
+            lines.append(f"  gradient exchange across {self.replicas} replicas (two shards in flight): "
+                         f"{b(self.comm_buffer_bytes)}")
         lines.append(f"  runtime (Python + torch): {b(self.runtime_overhead_bytes)}")
         lines.append(
             f"  predicted peak RSS: {b(self.predicted_peak_bytes)} of {b(self.budget_bytes)} "
@@ -350,6 +359,8 @@ def make_plan(
     workload: str = "lm",
     read_bytes_per_s: float = DEFAULT_READ_BYTES_PER_S,
     write_bytes_per_s: float = DEFAULT_WRITE_BYTES_PER_S,
+    replicas: int = 1,
+    grad_dtype: str = "float32",
 ) -> MemoryPlan:
     """Plan residency and predict peak RAM and I/O for one optimizer step of `micro_batches` × batch × seq.
 
@@ -391,7 +402,13 @@ def make_plan(
                 f"the budget leaves room for {window} in-flight block(s): prefetch depth {prefetch}, "
                 f"not the profile's {profile.prefetch_depth}"
             )
-    peak = c.base + working + resident * per_resident + inflight * c.block_bytes
+    comm = 0
+    if replicas > 1:
+        shards_in_flight = 2  # one exchanging while the next block's backward runs, one being broadcast
+        bucket = c.block_params * (DTYPE_BYTES[grad_dtype] + FP32) + c.grad_bytes  # grads, weights, averaged
+        held = 0 if resident == n else c.block_params * FP32 + c.grad_bytes  # a paged shard kept until sent
+        comm = shards_in_flight * (bucket + held)
+    peak = c.base + working + resident * per_resident + inflight * c.block_bytes + comm
 
     paged = c.block_stored[resident:]
     store_bytes = (sum(c.block_stored) + c.embed_head_params) * c.resident_per_param
@@ -435,6 +452,8 @@ def make_plan(
         block_working_set_bytes=working,
         logits_bytes=c.logits,
         runtime_overhead_bytes=RUNTIME_OVERHEAD_BYTES,
+        replicas=replicas,
+        comm_buffer_bytes=comm,
         predicted_peak_bytes=peak,
         store_bytes=store_bytes,
         io_read_bytes_per_step=io_read,

@@ -236,7 +236,10 @@ class Trainer:
         settings = self._settings(store)
         total = settings["steps"]
         seq = min(settings["seq"], config.max_seq_len)
-        plan = make_plan(config, profile, settings["batch"], seq, settings["micro_batches"], "lm")
+        # Per-step exchange across replicas holds buckets in flight; DiLoCo replicas exchange between steps.
+        exchanging = self.world.size if run.sync_every == 1 else 1
+        plan = make_plan(config, profile, settings["batch"], seq, settings["micro_batches"], "lm",
+                         replicas=exchanging, grad_dtype=run.grad_dtype)
         corpus = prepare_corpus([Path(p) for p in settings["data"]] or None, tokenizer,
                                 path.with_name(path.name + ".tokens"))
         # Across replicas every rank draws the global batch and trains on its rows of it (`Replication.my_rows`).
