@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 import time
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from sct_edge.convert.source_model import expected_shapes
 from sct_edge.convert.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, byte_to_unicode, tokenizer_from_json
 from sct_edge.errors import SctError
 from sct_edge.model.config import ModelConfig
+from sct_edge.store.atomic import fsync_dir, publish
 from sct_edge.store.store import Store
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -326,7 +326,8 @@ def export_gguf(
                 assert name == p.name, (name, p.name)
                 writer.write_tensor_data(_tensor_data(tensor, p, config))
             writer.close()
-            os.replace(partial, out)
+            publish(partial, out)
+            fsync_dir(out.parent)
         except BaseException as error:
             writer.close()
             partial.unlink(missing_ok=True)
