@@ -21,7 +21,15 @@ from sct_edge.cli import main as cli_main
 from sct_edge.errors import SctError
 from sct_edge.model.config import ModelConfig, RankPolicy, get_preset
 from sct_edge.model.transformer import Transformer
-from sct_edge.store.shard_names import param_prefix
+from sct_edge.store.atomic import AtomicFile, atomic_write
+from sct_edge.store.shard_names import (
+    block_index,
+    block_shard,
+    optim_shard,
+    param_prefix,
+    parse_shard_file,
+    shard_file_name,
+)
 from sct_edge.store.shardfile import crc32_combine, crc32_zeros
 from sct_edge.store.store import MANIFEST, Store, initial_tensors
 
@@ -641,3 +649,27 @@ def test_cli_init_rejects_bad_input(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "s").exists()
+
+
+def test_atomic_write_replaces_the_whole_file_or_nothing(tmp_path):
+    target = tmp_path / "file"
+    atomic_write(target, b"old")
+    with pytest.raises(RuntimeError):
+        with AtomicFile(target) as out:
+            out.write(b"new, half written")
+            raise RuntimeError("killed mid-write")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]  # no temporary file left behind
+    atomic_write(target, b"new")
+    assert target.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+def test_shard_names_are_built_and_parsed_in_one_place():
+    assert block_shard(7) == "block.007" and optim_shard("block.007") == "block.007.optim"
+    assert [block_index(n) for n in ("block.007", "block.007.optim", "embed", "head.optim")] == [7, 7, None, None]
+    assert param_prefix("block.012.optim") == "layers.12." and param_prefix("embed") == ""
+    for name in ("block.007", "block.007.optim", "embed", "head.optim"):
+        assert parse_shard_file(shard_file_name(name, 12)) == (name, 12)
+    for foreign in ("../block.001.v000001.safetensors", "/x/embed.v000000.safetensors", "tokenizer.json",
+                    "block.001.v000001.safetensors.tmp", "blocks.001.v000001.safetensors"):
+        assert parse_shard_file(foreign) is None
