@@ -51,7 +51,7 @@ from sct_edge.events import EventSink
 from sct_edge.model.config import ModelConfig
 from sct_edge.model.retraction import retract_
 from sct_edge.model.transformer import Block, KVCache, build_embedding, build_head, rope_tables, tied_head_logits
-from sct_edge.store.store import block_shard, optim_shard
+from sct_edge.store.shard_names import block_shard, is_optim, optim_shard, weights_shard
 
 if TYPE_CHECKING:
     from sct_edge.parallel.replicas import ReplicaSync
@@ -152,7 +152,7 @@ class Engine:
 
     def _not_owned_state(self, name: str) -> bool:
         """Across replicas, the moments of a shard another rank owns: never read here."""
-        return name.endswith(".optim") and not self.replicas.owns(name[: -len(".optim")])
+        return is_optim(name) and not self.replicas.owns(weights_shard(name))
 
     def __enter__(self) -> Engine:
         return self
