@@ -30,13 +30,15 @@ TOLERANCE = {"f32": 1e-7, "f16": 1e-3, "bf16": 8e-3, "q8_0": 8e-3}
 TYPE = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
 
 
-@pytest.fixture
-def spectral_store(tmp_path, toy_bpe):
-    """A rank-4 spectral store imported from a small Hugging Face checkpoint (toy BPE tokenizer, ChatML template)."""
+@pytest.fixture(scope="module")
+def spectral_store(tmp_path_factory, toy_bpe):
+    """A rank-4 spectral store imported from a small Hugging Face checkpoint (toy BPE tokenizer, ChatML template);
+    exports only read it."""
+    root = tmp_path_factory.mktemp("gguf-export")
     config = hf_config(toy_bpe.get_vocab_size())
-    write_hf_dir(tmp_path / "hf", config, hf_weights(config), toy_bpe)
-    import_model(tmp_path / "hf", tmp_path / "store", ImportPolicy(rank=4))
-    return tmp_path / "store"
+    write_hf_dir(root / "hf", config, hf_weights(config), toy_bpe)
+    import_model(root / "hf", root / "store", ImportPolicy(rank=4))
+    return root / "store"
 
 
 def dense_reference(store_path) -> dict[str, np.ndarray]:

@@ -267,6 +267,8 @@ FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_
 
 @dataclass
 class GGUFExportResult:
+    """What `export_gguf` wrote: the file, its outtype, size, time, tensor count and notes for the user."""
+
     out: Path
     outtype: str
     bytes: int
