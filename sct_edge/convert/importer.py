@@ -533,7 +533,7 @@ def import_model(
             del factors
             if on_matrix is not None:
                 on_matrix(row, done, len(plain))
-        if text is not None:
+        if text is not None and len(plain) < len(todo):  # some block matrix is converted
 
             def choose_rank(path: str, spectrum: OutputSpectrum, shape: tuple[int, int]) -> int | None:
                 spec = specs[path.split(".")[2]]
