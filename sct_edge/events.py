@@ -88,6 +88,9 @@ class StartEvent(Event):
     activations: str | None = None  # the plan's choice: recompute | keep | spill (absent before schema 2)
     predicted_peak_bytes: int
     corpus: str | None = None  # what the run trains on, in words
+    data: dict | None = None  # what the run trains on, in numbers (text tokens, or JSONL examples and masking)
+    defaults: dict | None = None  # the schedule defaults filled in ({"name": "fine-tuning", "lr_spectral": ...})
+    notes: list[str] = field(default_factory=list)  # how the run degraded instead of failing (short validation)
     rank: int = 0  # across replicas (torchrun): this process's global rank
     world_size: int = 1  # across replicas: how many ranks train the model
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from sct_edge.events import CommitEvent, EndEvent, EvalEvent, StepEvent, read_events
 
-FAST = ["--profile", "ci", "--no-tui", "--batch", "4", "--seq", "32", "--eval-every", "0"]
+FAST = ["--profile", "ci", "--no-tui", "--batch", "4", "--seq", "32", "--preset", "tiny", "--eval-every", "0"]
 
 
 def sct(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:

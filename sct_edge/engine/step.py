@@ -57,6 +57,13 @@ if TYPE_CHECKING:
     from sct_edge.parallel.replicas import ReplicaSync
 
 MicroBatch = tuple[Tensor, Tensor | None]  # (tokens, targets) for "lm", (hidden states, None) for "hidden-sum"
+# Targets equal to this are not predicted: prompt and padding positions of examples (F.cross_entropy's default).
+IGNORE_INDEX = -100
+
+
+def counted_targets(micro_batches: list[MicroBatch]) -> int:
+    """Targets that count in the loss and in tokens/s: all but IGNORE_INDEX."""
+    return sum(int((y != IGNORE_INDEX).sum()) for _, y in micro_batches)
 
 
 def strip_prefix(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -261,7 +268,7 @@ class Engine:
         self.pager.drain_writes(clock)
         accounted = sum(clock.seconds.values())
         clock.seconds["other"] = max(0.0, time.perf_counter() - started - accounted)
-        tokens = sum(x.numel() for x, _ in micro_batches) if self.workload == "lm" else 0
+        tokens = counted_targets(micro_batches) if self.workload == "lm" else 0
         loss, comm_s, comm_bytes = result.loss, 0.0, 0
         if self.replicas is not None:
             loss = self.replicas.mean(loss)
@@ -274,7 +281,8 @@ class Engine:
         )
 
     def evaluate(self, windows: list[tuple[Tensor, Tensor]]) -> float:
-        """Mean over the batches of windows ((tokens, targets) pairs) of their mean cross-entropy, forward only.
+        """Mean cross-entropy over the counted targets of all the batches of windows ((tokens, targets) pairs),
+        forward only (targets equal to IGNORE_INDEX do not count).
 
         The batches run layer-major as a step's micro-batches do, so each paged block is read once for all.
         """
@@ -285,9 +293,9 @@ class Engine:
         head = self.pager.get("head", clock)
         embed = self.pager.get("embed", clock)
         with torch.no_grad():
-            losses = [F.cross_entropy(self._logits(head, embed, h).flatten(0, 1).float(), y.to(self.device).flatten())
-                      for (_, y), h in zip(windows, top, strict=True)]
-        return float(torch.stack(losses).mean())
+            sums = [F.cross_entropy(self._logits(head, embed, h).flatten(0, 1).float(), y.to(self.device).flatten(),
+                                    reduction="sum") for (_, y), h in zip(windows, top, strict=True)]
+        return float(torch.stack(sums).sum()) / max(1, counted_targets(windows))
 
     def _bytes_moved(self) -> tuple[int, int]:
         """Bytes read and written so far: the store's shards plus spilled activations."""
@@ -353,7 +361,6 @@ class Engine:
                        grad_scale) -> tuple[list[Tensor], float, float, dict[str, Tensor] | None]:
         """Loss at the head: d loss / d top hidden state per micro-batch, the loss, the grad² sum, and, with a
         tied head, the embedding's gradient from the head (it completes through the lookup at the end)."""
-        n = len(micro_batches)
         if self.workload == "hidden-sum":
             # The seeds' step: loss = sum of the final hidden states.
             loss = sum(float(h.sum()) for h in top)
@@ -365,10 +372,13 @@ class Engine:
         params = {k: v.detach().requires_grad_() for k, v in head.items()}
         tied = None if embed is None else {k: v.detach().requires_grad_() for k, v in embed.items()}
         grads_out, total = [], 0.0
+        # The loss is the mean over the step's counted targets, whichever micro-batch they are in; a step with
+        # none (every answer cut off) has loss 0 and zero gradients rather than NaN.
+        counted = max(1, counted_targets(micro_batches))
         for (_, y), h in zip(micro_batches, top, strict=True):
             h = h.detach().requires_grad_()
             logits = self._logits(params, tied, h)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(self.device).flatten()) / n
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(self.device).flatten(), reduction="sum") / counted
             loss.backward()
             total += loss.item()
             grads_out.append(h.grad)

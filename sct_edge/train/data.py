@@ -37,7 +37,7 @@ import torch
 from sct_edge.convert.tokenizer import Tokenizer
 from sct_edge.errors import SctError
 from sct_edge.store.atomic import AtomicFile, atomic_write
-from sct_edge.train.examples import ExampleData, prepare_examples
+from sct_edge.train.examples import ExampleData, ExampleSampler, prepare_examples
 from sct_edge.train.jsonl import is_jsonl
 
 DEFAULT_MAX_BYTES = 8_000_000
@@ -640,3 +640,8 @@ def eval_batches(
     # A window starting at s also needs token s + seq_len as the target of its last position.
     starts = np.arange(0, len(tokens) - seq_len, seq_len, dtype=np.int64)[:max_windows]
     return (_windows(tokens, starts[i : i + batch_size], seq_len) for i in range(0, len(starts), batch_size))
+
+
+# What a run trains on, and what draws its batches: plain text windows, or JSONL examples.
+TrainingData = Corpus | ExampleData
+Sampler = BatchSampler | ExampleSampler

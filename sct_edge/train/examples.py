@@ -40,11 +40,11 @@ import numpy as np
 import torch
 
 from sct_edge.convert.tokenizer import Tokenizer
+from sct_edge.engine.step import IGNORE_INDEX
 from sct_edge.errors import SctError
 from sct_edge.train.chat_template import ChatTemplate, chat_template_for
 from sct_edge.train.jsonl import CHAT, COMPLETION, TEXT, Record, read_jsonl
 
-IGNORE_INDEX = -100
 # Batches are padded to a multiple of this many positions, so a run sees few distinct shapes.
 PAD_MULTIPLE = 16
 # Examples are sorted by length within groups of this many batches: little padding, yet a random mix.
@@ -252,8 +252,15 @@ def prepare_examples(paths: list[Path], val_paths: list[Path], tokenizer: Tokeni
         val_source = f"{n_val} held out"
     truncated = _truncate(train, seq) + _truncate(val, seq)
     pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
-    return ExampleData(train=train, val=val, source=source, formats=formats, val_source=val_source, pad_id=pad_id,
+    data = ExampleData(train=train, val=val, source=source, formats=formats, val_source=val_source, pad_id=pad_id,
                        truncated=truncated, train_on_prompt=train_on_prompt, seconds=time.perf_counter() - started)
+    # Checked now rather than found at the first step or the last evaluation: answers cut off by the sequence
+    # length would train on nothing, or validate on nothing.
+    for which, where in (("train", source), ("val", val_source if val_paths else f"{source} (held out)")):
+        if not data.counted_tokens(which):
+            raise SctError(f"{where}: no {which} example has a trained token within the first {seq + 1} tokens "
+                           "(the answers lie beyond the sequence length); raise --seq")
+    return data
 
 
 def padded_width(examples: list[TokenizedExample], seq: int) -> int:

@@ -30,6 +30,11 @@ class PlainProgress:
                 self.bar = tqdm(total=event.total_steps, initial=event.start_step, unit="step", dynamic_ncols=True)
                 self._line(f"store {event.store} · profile {event.profile} · {event.n_blocks} blocks, "
                            f"{event.resident_blocks} resident · batch {event.batch}×{event.seq}")
+                if event.defaults:
+                    chosen = ", ".join(f"{k} {v:g}" for k, v in event.defaults.items() if k != "name")
+                    self._line(f"{event.defaults['name']} defaults: {chosen} (flags override them)")
+                for note in event.notes:
+                    self._line(f"note: {note}")
             case StepEvent() if self.bar is not None:
                 self.bar.update(event.step - self.bar.n)
                 self.bar.set_postfix(loss=f"{event.loss:.3f}", tok_s=f"{event.tokens_per_s:.0f}",

@@ -53,14 +53,15 @@ from sct_edge.parallel.diloco import DilocoConfig, OuterSync
 from sct_edge.parallel.world import World, collective_failure
 from sct_edge.store.store import MANIFEST, Store
 from sct_edge.train.control import Control
-from sct_edge.train.data import BatchSampler, Corpus, eval_batches, prepare_corpus
+from sct_edge.train.data import Sampler, TrainingData, prepare_training_data
 from sct_edge.train.edge_policy import EdgePolicy
+from sct_edge.train.schedule_defaults import FINE_TUNING, FROM_SCRATCH, schedule_defaults
 
 # Settings that shape the trajectory: recorded in the store at the first commit, reused on resume.
-DEFAULT_STEPS = 600
 DEFAULT_PRESET = "tiny"
 TRAJECTORY_FIELDS = (
-    "data", "batch", "seq", "micro_batches", "lr_spectral", "lr_dense", "warmup", "min_lr_ratio",
+    "data", "val_data", "train_on_prompt", "batch", "seq", "micro_batches", "lr_spectral", "lr_dense", "warmup",
+    "min_lr_ratio",
     "weight_decay", "clip", "seed", "steps",
 )
 
@@ -81,25 +82,37 @@ class RunConfig:
 
     profile: str = flag("steamdeck", help="profile name (profiles/NAME.toml) or path to a TOML file")
     budget: str | None = flag(None, help="override the profile's memory budget, e.g. 1GiB or 512MB")
-    store: Path | None = flag(None, help="store directory to train (created from --preset if missing); "
+    store: Path | None = flag(None, help="store directory to train (a new one only with an explicit --preset); "
                               "default: the embedded default store in the user's data directory")
     preset: str | None = flag(None, help="preset for a new store (default: tiny; see `sct-edge presets`); with an "
                               "existing store it must match the model the store holds")
     rank: int | None = flag(None, help="rank of every spectral component of a new store (default: the preset's)")
     dense: bool = flag(False, help="train the same architecture with dense weights (baseline)")
     data: list[str] = flag(default_factory=list, metavar="PATH",
-                           help="text files or directories to train on (default: the Python standard library's source)")
+                           help="text files or directories, or .jsonl examples ({\"text\"}, {\"prompt\", "
+                           "\"completion\"} or {\"messages\"}), to train on (default: the Python standard library's "
+                           "source)")
+    val_data: list[str] = flag(default_factory=list, metavar="PATH",
+                               help="validation files of the same kind as --data (default: a held-out share of it)")
+    train_on_prompt: bool = flag(False, help="JSONL examples: the loss covers prompts and user turns too, not only "
+                                 "completions and assistant turns")
     steps: int | None = flag(None, help="total optimizer steps of the run (a resumed run stops at the same step); "
-                             f"default: the store's recorded total, or {DEFAULT_STEPS}")
+                             f"default: the store's recorded total, or {FROM_SCRATCH.steps} ({FINE_TUNING.steps} "
+                             "fine-tuning an imported store)")
     time_limit_s: float | None = flag(None, name="--time-limit", metavar="SECONDS",
                                       help="stop (and commit) after this wall-clock time")
     batch: int = flag(16, help="sequences per micro-batch")
     seq: int = flag(128, help="tokens per sequence")
     micro_batches: int = flag(1, help="gradient-accumulation micro-batches per step")
-    lr_spectral: float = flag(1e-2, help="peak learning rate of spectral factors U, s, V")
-    lr_dense: float = flag(3e-3, help="peak learning rate of dense parameters (norms, ...)")
-    warmup: int = flag(30, help="linear warmup steps before the cosine decay")
-    min_lr_ratio: float = 0.1
+    # None: the schedule defaults for the store (sct_edge.train.schedule_defaults), filled in by the trainer.
+    lr_spectral: float | None = flag(None, help="peak learning rate of spectral factors U, s, V (default: "
+                                     f"{FROM_SCRATCH.lr_spectral:g}, or {FINE_TUNING.lr_spectral:g} fine-tuning an "
+                                     "imported store)")
+    lr_dense: float | None = flag(None, help="peak learning rate of dense parameters (norms, ...) (default: "
+                                  f"{FROM_SCRATCH.lr_dense:g}, or {FINE_TUNING.lr_dense:g} fine-tuning)")
+    warmup: int | None = flag(None, help="linear warmup steps before the cosine decay (default: "
+                              f"{FROM_SCRATCH.warmup}, or {FINE_TUNING.warmup} fine-tuning)")
+    min_lr_ratio: float | None = None
     weight_decay: float = flag(0.0, help="AdamW weight decay (dense matrices and s)")
     clip: float | None = flag(1.0, help="global gradient-norm clip; 0 disables it")
     eval_every: int = flag(100, help="validation every N steps (0: only at the end)")
@@ -129,10 +142,12 @@ class RunConfig:
             raise SctError("--sync-every must be at least 1")
         if self.peer_timeout <= 0:
             raise SctError("--peer-timeout must be positive")
-        for path in self.data:
-            if not Path(path).exists():
-                raise SctError(f"--data {path}: no such file or directory")
-        return dataclasses.replace(self, data=[str(Path(p).resolve()) for p in self.data], clip=self.clip or None)
+        for option, paths in (("--data", self.data), ("--val-data", self.val_data)):
+            for path in paths:
+                if not Path(path).exists():
+                    raise SctError(f"{option} {path}: no such file or directory")
+        return dataclasses.replace(self, data=[str(Path(p).resolve()) for p in self.data],
+                                   val_data=[str(Path(p).resolve()) for p in self.val_data], clip=self.clip or None)
 
     def store_path(self) -> Path:
         if self.store is not None:
@@ -153,6 +168,7 @@ class Trainer:
     def __init__(self, run: RunConfig, events: EventLog, control: Control | None = None,
                  world: World | None = None) -> None:
         self.run_config = run
+        self.defaults_used: dict | None = None  # the schedule defaults this run filled in, for the start event
         self.events = events
         self.control = control or Control()
         self.world = world or World()
@@ -168,6 +184,10 @@ class Trainer:
         if not (path / MANIFEST).exists():
             if run.resume:
                 raise SctError(f"--resume: there is no store at {path} to resume")
+            if run.store is not None and run.preset is None:
+                # A mistyped path must not silently become a new model trained from scratch.
+                raise SctError(f"there is no store at {path}; pass --preset NAME to create a new one there "
+                               "(see `sct-edge presets`)")
             return None
         store = Store.open(path)
         if run.preset is not None and store.config.name != run.preset:
@@ -189,9 +209,11 @@ class Trainer:
         run = self.run_config
         saved = None if store is None else store.state.get("run")
         if saved is None or store.step == 0:
-            # Nothing committed yet (a run killed before its first commit): start from the beginning.
-            settings = {k: getattr(run, k) for k in TRAJECTORY_FIELDS}
-            settings["steps"] = run.steps or DEFAULT_STEPS
+            # Nothing committed yet (a run killed before its first commit): start from the beginning. Schedule
+            # settings not given come from the defaults for this store: fine-tuning an imported model, or not.
+            defaults = schedule_defaults(None if store is None else store.extra)
+            settings, filled = defaults.fill({k: getattr(run, k) for k in TRAJECTORY_FIELDS})
+            self.defaults_used = {"name": defaults.name, **filled} if filled else None
             return settings
         # Running on a trained store continues its run: what shapes the trajectory comes from the store;
         # only the total may change (`--steps`). Other data would silently be a different run: refuse it.
@@ -204,7 +226,8 @@ class Trainer:
         if trained_by != self.world.size:
             raise SctError(f"store {store.path} was trained by {trained_by} replica(s) and each kept only its own "
                            f"blocks' optimizer moments: resume it with {trained_by} rank(s), not {self.world.size}")
-        return {**saved, "steps": run.steps or saved["steps"]}
+        # Runs recorded before JSONL data existed trained on text with no validation files.
+        return {"val_data": [], "train_on_prompt": False, **saved, "steps": run.steps or saved["steps"]}
 
     # ------------------------------------------------------------------ the run
 
@@ -240,10 +263,15 @@ class Trainer:
         exchanging = self.world.size if run.sync_every == 1 else 1
         plan = make_plan(config, profile, settings["batch"], seq, settings["micro_batches"], "lm",
                          replicas=exchanging, grad_dtype=run.grad_dtype)
-        corpus = prepare_corpus([Path(p) for p in settings["data"]] or None, tokenizer,
-                                path.with_name(path.name + ".tokens"))
+        corpus = prepare_training_data(
+            [Path(p) for p in settings["data"]] or None, tokenizer, path.with_name(path.name + ".tokens"), seq,
+            val_sources=[Path(p) for p in settings["val_data"]] or None,
+            chat_template=None if store is None else store.extra.get("chat_template"),
+            template_source=f"store {path}", train_on_prompt=settings["train_on_prompt"])
         # Across replicas every rank draws the global batch and trains on its rows of it (`Replication.my_rows`).
-        sampler = BatchSampler(corpus.train, settings["batch"] * self.world.size, seq, settings["seed"])
+        sampler = corpus.sampler(settings["batch"] * self.world.size, seq, settings["seed"])
+        # Validation too short for one window is known now, not at the first evaluation: it degrades here.
+        eval_note = corpus.eval_seq(seq)[1]
         if store is None:
             path.parent.mkdir(parents=True, exist_ok=True)
             store = Store.create(path, config, seed=run.seed, state_dtype=getattr(torch, profile.state_dtype),
@@ -277,6 +305,7 @@ class Trainer:
                 prefetch_depth=plan.prefetch_depth, activations=plan.activations,
                 predicted_peak_bytes=plan.predicted_peak_bytes, corpus=corpus.describe(),
                 rank=self.world.rank, world_size=self.world.size,
+                data=corpus.summary(), defaults=self.defaults_used, notes=[eval_note] if eval_note else [],
             ))
             monitor = MemoryMonitor(events)
             monitor.start()
@@ -288,7 +317,7 @@ class Trainer:
             events.emit(EndEvent(step=store.step, reason=reason))
         return 0
 
-    def _commit(self, store: Store, engine: Engine, step: int, settings: dict, sampler: BatchSampler) -> None:
+    def _commit(self, store: Store, engine: Engine, step: int, settings: dict, sampler: Sampler) -> None:
         started = time.perf_counter()
         self.events.emit(PhaseEvent(phase="commit", step=step))
         engine.flush()
@@ -301,16 +330,16 @@ class Trainer:
             self.replication.commit(store, step, state)
         self.events.emit(CommitEvent(step=step, seconds=time.perf_counter() - started))
 
-    def _evaluate(self, engine: Engine, corpus: Corpus, seq: int, step: int, settings: dict) -> None:
+    def _evaluate(self, engine: Engine, corpus: TrainingData, seq: int, step: int, settings: dict) -> None:
         self.events.emit(PhaseEvent(phase="eval", step=step))
-        windows = eval_batches(corpus.val, seq, settings["batch"], max_windows=self.run_config.eval_windows)
+        windows = corpus.eval_batches(seq, settings["batch"], self.run_config.eval_windows)
         loss = engine.evaluate(list(windows))
         self.events.emit(EvalEvent(step=step, val_loss=loss, val_ppl=math.exp(min(loss, 50))))
 
-    def _sample(self, engine: Engine, corpus: Corpus, store: Store, step: int) -> None:
+    def _sample(self, engine: Engine, corpus: TrainingData, store: Store, step: int) -> None:
         self.events.emit(PhaseEvent(phase="sample", step=step))
         tokenizer = tokenizer_from_json(store.tokenizer_json())
-        prompt = [int(t) for t in corpus.val[:32]]
+        prompt = corpus.sample_prompt()
         ids = generate(engine, prompt, max_new_tokens=120, temperature=0.8, top_k=40, seed=step)
         self.events.emit(SampleEvent(step=step, text=tokenizer.decode(prompt + ids)))
 
@@ -370,7 +399,7 @@ class Trainer:
                     self._evaluate(engine, corpus, seq, step, settings)
                 self._commit(store, engine, step, settings, sampler)
                 return "time_limit"
-            micro = [next(sampler) for _ in range(settings["micro_batches"])]
+            micro = sampler.draw(settings["micro_batches"])
             if self.replication is not None:
                 micro = [self.replication.my_rows(mb) for mb in micro]
             scale = lr_scale(step + 1, total, settings["warmup"], settings["min_lr_ratio"])
