@@ -49,6 +49,7 @@ from sct_edge.engine.plan import MemoryPlan
 from sct_edge.engine.spill import ActivationSpill
 from sct_edge.events import EventSink
 from sct_edge.model.config import ModelConfig
+from sct_edge.model.loss import IGNORE_INDEX, chunk_tokens_for, lm_loss_backward
 from sct_edge.model.retraction import retract_
 from sct_edge.model.transformer import Block, KVCache, build_embedding, build_head, rope_tables, tied_head_logits
 from sct_edge.store.shard_names import block_shard, is_optim, optim_shard, weights_shard
@@ -57,12 +58,10 @@ if TYPE_CHECKING:
     from sct_edge.parallel.replicas import ReplicaSync
 
 MicroBatch = tuple[Tensor, Tensor | None]  # (tokens, targets) for "lm", (hidden states, None) for "hidden-sum"
-# Targets equal to this are not predicted: prompt and padding positions of examples (F.cross_entropy's default).
-IGNORE_INDEX = -100
 
 
 def counted_targets(micro_batches: list[MicroBatch]) -> int:
-    """Targets that count in the loss and in tokens/s: all but IGNORE_INDEX."""
+    """Targets that count in the loss and in tokens/s: all but IGNORE_INDEX (prompt and padding positions)."""
     return sum(int((y != IGNORE_INDEX).sum()) for _, y in micro_batches)
 
 
@@ -372,16 +371,23 @@ class Engine:
         params = {k: v.detach().requires_grad_() for k, v in head.items()}
         tied = None if embed is None else {k: v.detach().requires_grad_() for k, v in embed.items()}
         grads_out, total = [], 0.0
+        chunk = chunk_tokens_for(self.config.vocab_size)
         # The loss is the mean over the step's counted targets, whichever micro-batch they are in; a step with
         # none (every answer cut off) has loss 0 and zero gradients rather than NaN.
-        counted = max(1, counted_targets(micro_batches))
+        counted = counted_targets(micro_batches)
         for (_, y), h in zip(micro_batches, top, strict=True):
-            h = h.detach().requires_grad_()
-            logits = self._logits(params, tied, h)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(self.device).flatten(), reduction="sum") / counted
-            loss.backward()
-            total += loss.item()
-            grads_out.append(h.grad)
+            mine = int((y != IGNORE_INDEX).sum())
+            if mine == 0:
+                grads_out.append(torch.zeros_like(h))
+                continue
+            # A few hundred tokens' logits at a time, never batch × seq × vocab (sct_edge/model/loss.py).
+            loss, grad = lm_loss_backward(h, y.to(self.device), lambda rows: self._logits(params, tied, rows),
+                                          mine / counted, chunk)
+            total += loss
+            grads_out.append(grad)
+        for p in [*params.values(), *(tied or {}).values()]:
+            if p.grad is None:  # every micro-batch was skipped: nothing counted, nothing moves
+                p.grad = torch.zeros_like(p)
         clock.add("backward", since)
         squared = self._shard_done("head", None, head, params, step, lr_scale, update, grad_scale, clock)
         tied_grads = None if tied is None else {k: v.grad for k, v in tied.items()}
