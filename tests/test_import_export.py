@@ -23,6 +23,7 @@ from sct_edge.convert.importer import ImportPolicy, factorize, first_layers, imp
 from sct_edge.convert.source_model import expected_shapes
 from sct_edge.convert.tokenizer import BPETokenizer, tokenizer_from_json
 from sct_edge.errors import SctError
+from sct_edge.events import StepEvent, read_events
 from sct_edge.model.config import ModelConfig
 from sct_edge.store.store import Store
 
@@ -485,9 +486,9 @@ def test_cli_import_export_and_fine_tuning_with_the_model_tokenizer(tmp_path, hf
     capsys.readouterr()
     with Store.open(store) as s:
         assert s.step == 2
-    events = [json.loads(line) for line in (tmp_path / "store.runs" / "events.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2]
-    assert all(math.isfinite(e["loss"]) for e in events if e["event"] == "step")
+    steps = [e for e in read_events(tmp_path / "store.runs" / "events.jsonl") if isinstance(e, StepEvent)]
+    assert [e.step for e in steps] == [1, 2]
+    assert all(math.isfinite(e.loss) for e in steps)
     # the data was tokenised with the model's own BPE tokenizer, not bytes
     meta = json.loads((tmp_path / "store.tokens" / "meta.json").read_text())
     assert meta["vocab_size"] == toy_bpe.get_vocab_size()

@@ -21,6 +21,7 @@ from sct_edge.cli import main
 from sct_edge.convert.exporter import in_memory_model
 from sct_edge.convert.gguf_reader import read_gguf
 from sct_edge.convert.importer import ImportPolicy, first_layers, import_model
+from sct_edge.events import StepEvent, read_events
 from sct_edge.model.transformer import Transformer
 from sct_edge.store.store import Store
 
@@ -81,8 +82,8 @@ def test_a_few_fine_tuning_steps_sct_and_dense(first_block, energy_store, tmp_pa
                 "--batch", "2", "--seq", "32", "--lr-spectral", "1e-4", "--lr-dense", "1e-4", "--warmup", "1",
                 "--eval-every", "0", "--run-dir", str(tmp_path / f"{name}.runs")]  # fmt: skip
         assert main(argv) == 0
-        events = [json.loads(line) for line in (tmp_path / f"{name}.runs" / "events.jsonl").read_text().splitlines()]
-        losses[name] = [e["loss"] for e in events if e["event"] == "step"]
+        events = read_events(tmp_path / f"{name}.runs" / "events.jsonl")
+        losses[name] = [e.loss for e in events if isinstance(e, StepEvent)]
         with Store.open(store) as s:
             assert s.step == 2
     assert all(len(v) == 2 and all(math.isfinite(x) for x in v) for v in losses.values())
