@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sct_edge.errors import SctError
-from sct_edge.model.spectral import SpectralLinear, SpectralProduct, rank_for_energy, spectral_apply, truncated_svd
+from sct_edge.model.spectral import SpectralLinear, rank_for_energy, spectral_apply, truncated_svd
 
 
 @pytest.mark.parametrize("n_in,n_out,rank,batch", [(7, 5, 3, 4), (16, 32, 8, 2), (33, 12, 12, 5)])
@@ -73,33 +73,3 @@ def test_energy_target_keeps_energy_with_smallest_rank(energy):
 def test_bad_truncation_arguments(kwargs):
     with pytest.raises(SctError):
         truncated_svd(torch.randn(12, 10), **kwargs)
-
-
-@pytest.mark.parametrize("lead", [(5,), (2, 3)])
-def test_spectral_product_passes_gradcheck_in_float64(lead):
-    """The hand-written backward of `SpectralProduct` against finite differences, on 2-D and 3-D inputs."""
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(*lead, 6, dtype=torch.float64, generator=g, requires_grad=True)
-    U = torch.randn(6, 3, dtype=torch.float64, generator=g, requires_grad=True)
-    s = torch.randn(3, dtype=torch.float64, generator=g, requires_grad=True)
-    V = torch.randn(4, 3, dtype=torch.float64, generator=g, requires_grad=True)
-    assert torch.autograd.gradcheck(SpectralProduct.apply, (x, U, s, V))
-
-
-def test_spectral_product_equals_autograd_through_the_three_products():
-    """Same values and gradients as plain autograd over ((x U) * s) Vᵀ, also when x needs no gradient."""
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 5, 9, dtype=torch.float64, generator=g).transpose(0, 1)  # non-contiguous input
-    factors = [torch.randn(*shape, dtype=torch.float64, generator=g, requires_grad=True)
-               for shape in ((9, 4), (4,), (7, 4))]
-    dy = torch.randn(5, 2, 7, dtype=torch.float64, generator=g)
-    for x_grad in (False, True):
-        x_in = x.clone().requires_grad_(x_grad)
-        mine = spectral_apply(x_in, *factors)
-        got = torch.autograd.grad(mine, [*factors, x_in] if x_grad else factors, dy)
-        U, s, V = factors
-        want_y = ((x_in @ U) * s) @ V.T
-        want = torch.autograd.grad(want_y, [*factors, x_in] if x_grad else factors, dy)
-        torch.testing.assert_close(mine, want_y, rtol=0, atol=1e-12)
-        for a, b in zip(got, want, strict=True):
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

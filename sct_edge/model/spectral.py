@@ -16,51 +16,9 @@ from torch import Tensor, nn
 from sct_edge.errors import SctError
 
 
-class SpectralProduct(torch.autograd.Function):
-    """y = ((x U) * s) Vᵀ with a hand-written backward: five 2-D products, each written once, contiguous.
-
-    Autograd through the three ops computes dV as (c Vᵀ)'s weight gradient cᵀ dy (k × out) and hands V a
-    transposed view, which its gradient accumulation then copies; it also saves c = a * s beside a. Here x
-    is flattened to rows once, only x and a = x U (N × k) are saved, and the backward is
-
-        dc = dy V,  dV = dyᵀ (a * s),  ds = Σ_rows dc * a,  da = dc * s,  dU = xᵀ da,  dx = da Uᵀ
-
-    with every gradient produced directly in its parameter's layout, and products skipped for inputs that
-    need no gradient (the frozen input of a block's first matrix, say).
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, U: Tensor, s: Tensor, V: Tensor) -> Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        a = rows @ U
-        ctx.save_for_backward(rows, U, s, V, a)
-        ctx.lead_shape = x.shape[:-1]
-        return ((a * s) @ V.T).view(*x.shape[:-1], V.shape[0])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
-        rows, U, s, V, a = ctx.saved_tensors
-        need_x, need_U, need_s, need_V = ctx.needs_input_grad
-        dy = dy.reshape(-1, V.shape[0])
-        dc = dy @ V
-        dx = dU = ds = dV = None
-        if need_V:
-            dV = dy.T @ (a * s)
-        if need_s:
-            ds = (dc * a).sum(0)
-        if need_x or need_U:
-            da = dc * s
-            if need_U:
-                dU = rows.T @ da
-            if need_x:
-                dx = (da @ U.T).view(*ctx.lead_shape, U.shape[0])
-        return dx, dU, ds, dV
-
-
 def spectral_apply(x: Tensor, U: Tensor, s: Tensor, V: Tensor) -> Tensor:
     """y = x W with W = U diag(s) Vᵀ, evaluated right to left so only (…, k) intermediates exist."""
-    return SpectralProduct.apply(x, U, s, V)
+    return ((x @ U) * s) @ V.T
 
 
 def random_orthonormal(n: int, k: int, generator: torch.Generator | None = None) -> Tensor:
