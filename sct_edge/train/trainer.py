@@ -222,8 +222,9 @@ class Trainer:
                            f"; --data names other text (train a new store for a new run)")
         # Across N replicas each rank keeps the moments of the blocks it owns only: another N would resume
         # other blocks from moments this store never updated.
+        # (A single process's store holds every moment: any number of replicas can start from it.)
         trained_by = store.state.get("replicas", {}).get("world_size", 1)
-        if trained_by != self.world.size:
+        if trained_by > 1 and trained_by != self.world.size:
             raise SctError(f"store {store.path} was trained by {trained_by} replica(s) and each kept only its own "
                            f"blocks' optimizer moments: resume it with {trained_by} rank(s), not {self.world.size}")
         # Runs recorded before JSONL data existed trained on text with no validation files.
