@@ -389,7 +389,8 @@ class Engine:
             if p.grad is None:  # every micro-batch was skipped: nothing counted, nothing moves
                 p.grad = torch.zeros_like(p)
         clock.add("backward", since)
-        squared = self._shard_done("head", None, head, params, step, lr_scale, update, grad_scale, clock)
+        done = self._shard_done("head", None, head, params, step, lr_scale, update, grad_scale, clock)
+        squared = 0.0 if update else done  # updating, `done` is the head's orthonormality error, not a norm
         tied_grads = None if tied is None else {k: v.grad for k, v in tied.items()}
         return grads_out, total, squared, tied_grads
 
