@@ -228,3 +228,12 @@ def test_the_plan_counts_the_exchange_buffers():
     assert fp32.predicted_peak_bytes - alone.predicted_peak_bytes == fp32.comm_buffer_bytes
     # Two shards in flight, each: gradient bucket + weight bucket + averaged gradients (fp32, all blocks resident).
     assert fp32.comm_buffer_bytes == 2 * 3 * 4 * fp32.block_params
+
+
+def test_sync_every_without_replicas_is_refused_and_creates_nothing(tmp_path, text):
+    result = sct("run", "--store", str(tmp_path / "s"), *TINY, "--batch", "2", "--steps", "2", "--sync-every", "4",
+                 "--data", str(text), check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == ("sct-edge: error: --sync-every 4 needs several replicas: launch the run with "
+                                     "torchrun")
+    assert not (tmp_path / "s").exists()

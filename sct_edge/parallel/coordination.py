@@ -70,12 +70,12 @@ class Replication:
 
     def resolve_prepared(self, store: Store) -> None:
         """Settle a commit that a crash interrupted between its two phases (see the module docstring)."""
-        held = store.prepared_step() if store.prepared_step() is not None else store.step
+        prepared = store.prepared_step()
         steps: list[int | None] = [None] * self.world.size
-        dist.all_gather_object(steps, held)
-        if store.prepared_step() is None:
+        dist.all_gather_object(steps, store.step if prepared is None else prepared)
+        if prepared is None:
             return
-        if all(s == store.prepared_step() for s in steps):
+        if all(s == prepared for s in steps):
             store.finish_prepared()
         else:
             store.abort_prepared()

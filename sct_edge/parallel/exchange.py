@@ -62,10 +62,9 @@ class PendingReduce:
         self.exchange.stats.wait_s += time.perf_counter() - since
         if self.exchange.world.rank != self.owner:
             return None
-        summed = self.bucket.to(torch.float32) / self.exchange.world.size
-        averaged = [torch.empty_like(g, dtype=torch.float32) for g in self.grads]
-        _unflatten_into(summed, averaged)
-        return [a.to(g.dtype) for a, g in zip(averaged, self.grads, strict=True)]
+        averaged = [torch.empty_like(g) for g in self.grads]
+        _unflatten_into(self.bucket.to(torch.float32) / self.exchange.world.size, averaged)  # copy_ casts back
+        return averaged
 
 
 class PendingBroadcast:

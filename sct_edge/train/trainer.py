@@ -253,6 +253,8 @@ class Trainer:
         run, profile, events = self.run_config, self.profile, self.events
         # Everything that can refuse the run (store, settings, budget, data) is checked before anything is
         # written, so bad input leaves no new store behind.
+        if run.sync_every > 1 and not self.world.distributed:
+            raise SctError(f"--sync-every {run.sync_every} needs several replicas: launch the run with torchrun")
         path = run.store_path()
         store = self._existing_store(path)
         config = store.config if store is not None else self._new_config()
