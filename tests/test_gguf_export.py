@@ -154,6 +154,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, spectral_store, caps
         ([str(tmp_path / "missing" / "m.gguf")], "m.gguf: the directory"),
         ([str(tmp_path / "m.gguf"), "--outtype", "q4_k"], "GGUF outtype 'q4_k' is not one of f32, f16, bf16, q8_0"),
         ([str(tmp_path / "hf-out"), "--outtype", "f16"], "--outtype and --ollama apply to GGUF exports"),
+        ([str(tmp_path / "m.gguf"), "--dtype", "bfloat16"], "--dtype applies to Hugging Face exports"),
     ]
     for args, message in cases:
         assert main(["export", str(spectral_store), *args]) == 2

@@ -28,7 +28,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dtype",
         choices=list(EXPORT_DTYPES),
-        default="float32",
         help="dtype of the exported weights of a Hugging Face directory (default float32, exact)",
     )
     p.add_argument(
@@ -69,7 +68,10 @@ def run(args: argparse.Namespace) -> int:
     from sct_edge.engine.profile import parse_size
 
     if args.out.endswith(".gguf"):
+        if args.dtype is not None:
+            raise SctError(f"{args.out}: --dtype applies to Hugging Face exports; a .gguf export takes --outtype")
         return run_gguf(args)
+    args.dtype = args.dtype or "float32"
     if args.outtype is not None or args.ollama:
         raise SctError(f"{args.out}: --outtype and --ollama apply to GGUF exports (an OUT ending in .gguf)")
 
