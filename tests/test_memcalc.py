@@ -319,3 +319,14 @@ def test_tools_memcalc_runs_from_the_checkout(tmp_path):
     )
     assert failed.returncode == 2 and failed.stderr.startswith("memcalc: error: unknown preset")
     assert TOOL.stat().st_mode & 0o111 and TOOL.read_text().startswith("#!/usr/bin/env python3\n")
+
+
+def test_a_reader_that_goes_away_ends_the_output_quietly():
+    """`sct-edge memcalc ... | head -1`: no BrokenPipeError traceback, the shell's 128 + SIGPIPE status.
+
+    The reading end is closed before the command has started up, so its first write meets the broken pipe."""
+    process = subprocess.Popen([sys.executable, "-m", "sct_edge", "memcalc", "--preset", "sct-70b", "--rank", "32"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()
+    assert process.wait(timeout=120) == 141
+    assert process.stderr.read() == ""
