@@ -123,7 +123,9 @@ def test_a_lost_peer_stops_the_others_with_one_line(tmp_path, text):
     err = ranks[0].stderr.read()
     errors = [line for line in err.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and errors[0].startswith("sct-edge: error: rank 0: lost contact") and "Traceback" not in err
-    assert "Connection reset by peer" in errors[0] and "GLHF" not in errors[0], errors[0]
+    # gloo says "reset by peer" or "closed by peer", as the socket happened to end; its advice is dropped.
+    assert "by peer" in errors[0] and "GLHF" not in errors[0], errors[0]
+    assert errors[0].endswith(f"store {tmp_path / 'r0'} stays at its last commit"), errors[0]
 
 
 def test_mismatched_replicas_are_refused(tmp_path, text):
