@@ -177,6 +177,9 @@ def whole_model_covariances(model: Transformer, tokens: torch.Tensor) -> dict[tu
 
 @pytest.mark.parametrize("sequential", [True, False])
 def test_streamed_statistics_equal_a_whole_model_reference(tmp_path, model_dir, sequential):
+    """What the factors were computed from, block by block, equals a reference taken by hooks on a whole model in
+    RAM: the input covariance C of q/k/v, o and gate/up, and for down (ffn wider than dim) its output Gram
+    W C Wᵀ, built from the outputs without C ever being formed."""
     directory, _, _ = model_dir
     source = open_source(directory)
     tokens = calibration_text([tmp_path / "calib.txt"], source.tokenizer, 512, 32).tokens
@@ -187,7 +190,7 @@ def test_streamed_statistics_equal_a_whole_model_reference(tmp_path, model_dir, 
             factors[r.path] = (r.U, r.s, r.V)
 
     convert_blocks(source, tokens, lambda path, spectrum, shape: 5, sequential=sequential, on_block=keep,
-                   on_statistics=lambda layer, stage, c: streamed.__setitem__((layer, stage), c))
+                   on_statistics=lambda layer, stage, stats: streamed.__setitem__((layer, stage), stats))
 
     dense = Transformer(dense_config(source.config), spectral=False, device="meta")
     dense.load_state_dict(dict(source.tensors()), assign=True)
@@ -198,11 +201,23 @@ def test_streamed_statistics_equal_a_whole_model_reference(tmp_path, model_dir, 
     converted.load_state_dict(state, assign=True)
     reference = whole_model_covariances(converted if sequential else dense, tokens)
     assert set(reference) == set(streamed)
-    for key, c in reference.items():
-        assert torch.allclose(streamed[key], c, rtol=1e-4, atol=1e-4 * float(c.abs().max())), key
+    for (layer, stage), c in reference.items():
+        stats = streamed[(layer, stage)]
+        if stage == "down_in":  # 48 inputs, 32 outputs: measured on its outputs, C never formed
+            assert stats.covariance is None and set(stats.grams) == {"mlp.down"}
+            w = source.tensor(f"layers.{layer}.mlp.down.weight").to(torch.float64)  # the dense W it measured
+            got, want = stats.grams["mlp.down"], w @ c @ w.T
+        else:
+            assert not stats.grams
+            got, want = stats.covariance, c
+        assert got.dtype == torch.float64
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max())), (layer, stage)
     if sequential:  # block 1's statistics differ from the dense model's: it is fitted to block 0's errors
-        dense_c = whole_model_covariances(dense, tokens)[(1, "attn_in")]
-        assert not torch.allclose(streamed[(1, "attn_in")], dense_c, rtol=1e-3)
+        dense_c = whole_model_covariances(dense, tokens)
+        assert not torch.allclose(streamed[(1, "attn_in")].covariance, dense_c[(1, "attn_in")], rtol=1e-3)
+        w = source.tensor("layers.1.mlp.down.weight").to(torch.float64)
+        dense_gram = w @ dense_c[(1, "down_in")] @ w.T
+        assert not torch.allclose(streamed[(1, "down_in")].grams["mlp.down"], dense_gram, rtol=1e-3)
 
 
 def test_recovery_lowers_every_block_error_and_keeps_the_factors_orthonormal(tmp_path, model_dir):
@@ -346,7 +361,19 @@ def test_smollm2_block_keeps_its_outputs_better_than_plain_svd(tmp_path, smollm2
         ours.update({r.path: (r.U, r.s, r.V) for r in result.matrices})
 
     convert_blocks(source, tokens, lambda path, spectrum, shape: uniform_rank(shape, 0.6), on_block=keep,
-                   on_statistics=lambda layer, stage, c: covariances.__setitem__(stage, c))
+                   on_statistics=lambda layer, stage, stats: covariances.__setitem__(stage, stats.covariance))
+    # down is measured on its outputs (its C is never formed): take its C from hooks on the converted block
+    ranks = {path.split(".", 2)[2]: U.shape[1] for path, (U, _, _) in ours.items()}
+    converted = Transformer(source.config.with_ranks(RankPolicy(attn=None, mlp=None, embed=None, head=None,
+                                                                overrides={f"layers.0.{k}": r
+                                                                           for k, r in ranks.items()})),
+                            device="meta")
+    state = {name: t for name, t in source.tensors() if not any(name == f"{p}.weight" for p in ours)}
+    for path, (U, s, V) in ours.items():
+        state.update({f"{path}.U": U, f"{path}.s": s, f"{path}.V": V})
+    converted.load_state_dict(state, assign=True)
+    assert covariances["down_in"] is None
+    covariances["down_in"] = whole_model_covariances(converted, tokens)[(0, "down_in")]
     stage_of = {name: stage for stage, names in STAGES for name in names}
     for path, (U, s, V) in ours.items():
         w = source.tensor(f"{path}.weight").to(torch.float64)
@@ -358,3 +385,89 @@ def test_smollm2_block_keeps_its_outputs_better_than_plain_svd(tmp_path, smollm2
 
         pU, ps, pV = truncated_svd(w, rank=U.shape[1])
         assert error((V * s) @ U.T) < 0.9 * error((pV * ps) @ pU.T), path
+
+
+# ------------------------------------------------------------------------------------ memory: Grams, spilling
+
+
+@pytest.mark.parametrize("shape", [(9, 24), (24, 9), (16, 16)])  # narrow (down), wide (gate/up), square
+def test_output_gram_path_equals_the_covariance_path(shape):
+    """Σ (W a)(W a)ᵀ over float32 chunks is W C Wᵀ, and the spectrum and factors from it are the C path's."""
+    from sct_edge.convert.calibration import StageStatistics, measured_on_outputs
+    from sct_edge.convert.output_aware import gram_spectrum, weight_norm2
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(shape, generator=g)
+    x = anisotropic_inputs(shape[1], 200).float().T.reshape(8, 25, shape[1])  # sequences x seq_len x in
+    c, gram = 0, 0
+    for part in x.split(3):  # the chunked float32 GEMMs with float64 totals, as staged_forward takes them
+        flat = part.flatten(0, 1)
+        c = c + (flat.T @ flat).to(torch.float64)
+        y = flat @ w.T
+        gram = gram + (y.T @ y).to(torch.float64)
+    w64 = w.to(torch.float64)
+    assert torch.allclose(gram, w64 @ c @ w64.T, rtol=1e-5, atol=1e-5 * float(gram.abs().max()))
+    assert measured_on_outputs([shape]) == (shape[0] < shape[1])
+    assert StageStatistics().covariance is None
+    k = 4
+    via_c = output_spectrum(w, CovarianceRoot(c))
+    via_gram = gram_spectrum(gram, weight_norm2(w))
+    assert torch.allclose(via_gram.sigma[:k], via_c.sigma[:k], rtol=1e-5)
+    a, b = output_aware_factors(w, via_c, k), output_aware_factors(w, via_gram, k)
+    assert torch.allclose(dense_of(a), dense_of(b), atol=1e-4 * float(w.abs().max()))
+    assert a.output_energy == pytest.approx(b.output_energy, abs=1e-6)
+    assert via_c.weight_norm2 == pytest.approx(float((w64**2).sum()), rel=1e-12)
+
+
+def test_a_spilled_import_equals_the_in_ram_import_and_leaves_nothing(tmp_path, model_dir):
+    from sct_edge.convert.calibration import memory_plan
+
+    directory, _, _ = model_dir
+    calib = dict(recovery=RecoveryConfig(steps=3, lr=3e-3))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    ram = import_model(directory, tmp_path / "ram", ImportPolicy(params_ratio=0.5),
+                       calibration=calibration(tmp_path, spill=False, **calib))
+    # a budget with room for the model but not for its activation streams: they go to disk
+    source = open_source(directory)
+    plan = memory_plan(source.config, 1024, 32, None)
+    disk = import_model(directory, tmp_path / "disk", ImportPolicy(params_ratio=0.5),
+                        calibration=calibration(tmp_path, budget=plan.fixed + plan.streams // 2, **calib))
+    assert ram.calibration_memory["spilled"] is False and disk.calibration_memory["spilled"] is True
+    assert [b["error_after"] for b in disk.blocks] == [b["error_after"] for b in ram.blocks]
+    with Store.open(tmp_path / "ram") as a, Store.open(tmp_path / "disk") as b:
+        for name in [block_shard(0), block_shard(1)]:
+            ta, tb = a.read(name), b.read(name)
+            assert set(ta) == set(tb)
+            for key in ta:
+                assert torch.equal(ta[key], tb[key]), (name, key)
+        assert b.extra["import"]["calibration"]["memory"]["spilled"] is True
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "disk", "ram"])  # no staging, no spill
+
+
+def test_spilled_streams_are_file_backed_and_unlinked(tmp_path):
+    from sct_edge.convert.calibration import Activations
+
+    streams = Activations(tmp_path / "spill")
+    t = streams.empty((3, 4, 5))
+    t[:] = 2.0
+    assert float(t.sum()) == 120.0 and streams.spilled
+    assert list((tmp_path / "spill").iterdir()) == []  # the mapping holds the data, the name is gone
+
+
+def test_a_budget_too_small_is_one_line_and_leaves_nothing(tmp_path, model_dir, capsys):
+    directory, _, _ = model_dir
+    before = sorted(p.name for p in tmp_path.iterdir())
+    argv = ["import", str(directory), str(tmp_path / "store"), "--rank", "4", "--calibrate",
+            str(tmp_path / "calib.txt"), "--calib-tokens", "512", "--calib-seq-len", "32", "--recover-steps", "0",
+            "--quiet"]
+    assert main([*argv, "--budget", "100MiB"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sct-edge: error: ") and "\n" not in err, err
+    assert str(directory) in err and "memory budget of 0.10 GiB is too small" in err
+    assert main([*argv, "--budget", "lots"]) == 2
+    assert "--budget 'lots' is not a size" in capsys.readouterr().err
+    assert main(argv[:5] + ["--budget", "3GiB"]) == 2  # no --calibrate
+    assert "--budget needs --calibrate" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert main([*argv, "--profile", "ci", "--threads", "1"]) == 0  # the ci profile's budget is enough here
+    assert "activations in RAM" in capsys.readouterr().out

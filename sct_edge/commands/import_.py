@@ -122,6 +122,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--recover-lr", type=float, default=RecoveryConfig.lr, help=f"AdamW learning rate of recovery on U, s and V "
         f"(default {RecoveryConfig.lr:g})"
     )
+    calib.add_argument(
+        "--budget",
+        metavar="SIZE",
+        help="RAM the calibrated import may use, e.g. 3GiB: checked up front (a one-line error when even one "
+        "block cannot fit), and the activation streams are spilled to files next to the store, removed "
+        "afterwards, when they would not fit in RAM (default: the --profile's memory_budget, else no budget)",
+    )
+    calib.add_argument(
+        "--profile",
+        metavar="NAME",
+        help="device profile (steamdeck, m4pro, ci, or a TOML path) whose memory_budget is the --budget",
+    )
     p.add_argument(
         "--threads",
         type=int,
@@ -151,8 +163,11 @@ def summary_lines(result) -> list[str]:
 
 def calibration_config(args: argparse.Namespace) -> CalibrationConfig | None:
     """The calibration the flags ask for, None without --calibrate; SctError for flags that need it."""
+    from sct_edge.engine.profile import load_profile, parse_size
+
     if args.calibrate is None:
-        for flag, value in (("--recover-steps", args.recover_steps), ("--statistics", args.statistics != "sequential")):
+        for flag, value in (("--recover-steps", args.recover_steps), ("--statistics", args.statistics != "sequential"),
+                            ("--budget", args.budget), ("--profile", args.profile)):
             if value:
                 raise SctError(f"{flag} needs --calibrate PATH: recovery and statistics come from calibration text")
         return None
@@ -163,7 +178,13 @@ def calibration_config(args: argparse.Namespace) -> CalibrationConfig | None:
         raise SctError(f"--recover-lr must be positive, not {args.recover_lr}")
     if args.recover_tokens < 1:
         raise SctError(f"--recover-tokens must be at least 1, not {args.recover_tokens}")
+    budget = None
+    if args.budget is not None:
+        budget = parse_size(args.budget, "--budget")
+    elif args.profile is not None:
+        budget = load_profile(args.profile).memory_budget
     return CalibrationConfig(
+        budget=budget,
         paths=list(args.calibrate),
         tokens=args.calib_tokens,
         seq_len=args.calib_seq_len,
@@ -215,6 +236,10 @@ def run(args: argparse.Namespace) -> int:
         b.update(done - b.n)
         b.set_postfix_str(name)
 
+    def on_block(row: dict) -> None:
+        recovered = (f", after {row['steps']} recovery steps {row['error_after']:.4f}" if row.get("steps") else "")
+        tqdm.write(f"block {row['block']}: output error {row['error_before']:.4f}{recovered}", file=sys.stderr)
+
     try:
         result = import_model(
             source,
@@ -225,6 +250,7 @@ def run(args: argparse.Namespace) -> int:
             on_matrix=None if args.quiet else on_matrix,
             on_shard=None if args.quiet else on_shard,
             on_progress=None if args.quiet else on_progress,
+            on_block=None if args.quiet else on_block,
         )
     finally:
         for b in bars.values():
@@ -243,6 +269,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"  note   {note}")
     if calibration is not None:
         method = "sequential" if calibration.sequential else "one-shot (dense statistics)"
+        memory = result.calibration_memory
+        if memory.get("budget") is not None:
+            where = "spilled to disk" if memory["spilled"] else "in RAM"
+            print(f"  memory budget {format_bytes(memory['budget'])}: estimate {format_bytes(memory['estimate'])}, "
+                  f"activations {where}")
         print(f"  calibrated on {calibration.tokens:,} tokens of {', '.join(str(p) for p in calibration.paths)}, "
               f"{method}")
         before = [b["error_before"] for b in result.blocks]

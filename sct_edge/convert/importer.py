@@ -46,7 +46,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from sct_edge.convert.calibration import BlockResult, CalibrationConfig, calibration_text, convert_blocks, output_gains
+from sct_edge.convert.calibration import (
+    Activations,
+    BlockResult,
+    CalibrationConfig,
+    calibration_text,
+    chunk_tokens,
+    convert_blocks,
+    memory_plan,
+    output_gains,
+)
 from sct_edge.convert.output_aware import OutputSpectrum, RankCandidate, allocate_ranks
 from sct_edge.convert.recovery import recover_block
 from sct_edge.convert.source_model import SourceModel
@@ -365,6 +374,7 @@ class ImportResult:
     write_seconds: float  # writing the store from the staged factors
     notes: list[str] = field(default_factory=list)  # what the import changed of what it was asked (capped ranks)
     blocks: list[dict] = field(default_factory=list)  # calibrated imports: each block's output error and recovery
+    calibration_memory: dict = field(default_factory=dict)  # calibrated imports: budget, estimate, spilled
 
 
 def _source_format(source: SourceModel) -> str:
@@ -380,7 +390,8 @@ def _existing_ancestor(path: Path) -> Path:
 
 def _finite(source: SourceModel, name: str) -> Tensor:
     tensor = source.tensor(name)
-    if not torch.isfinite(tensor).all():
+    # by blocks of rows: a whole-tensor isfinite would add a bool copy (0.5 GB for an 8B model's embedding)
+    if not all(bool(torch.isfinite(part).all()) for part in tensor.reshape(-1).split(2**24)):
         raise SctError(f"{source.path}: tensor {name} has non-finite values (NaN or infinity)")
     return tensor
 
@@ -448,6 +459,7 @@ def allocate(
     state_dtype: str,
     tokens: Tensor | None,
     on_progress: Callable[[str, int, int], None] | None = None,
+    streams: Activations | None = None,
 ) -> dict[str, int]:
     """The rank of every matrix of a sized component (--params-ratio, --size), spread by output error per stored
     number on the calibration `tokens`, or by weight error (the plain SVD's) without them. {} when none is sized."""
@@ -456,7 +468,7 @@ def allocate(
         return {}
     budget = numbers_budget(source.config, specs, state_dtype, len(source.tokenizer.to_json().encode()))
     if tokens is not None:
-        gains = output_gains(source, tokens, {m.path for m in sized}, on_progress)
+        gains = output_gains(source, tokens, {m.path for m in sized}, on_progress, streams)
     else:
         gains = {}
         for done, m in enumerate(sized, 1):
@@ -477,6 +489,7 @@ def import_model(
     on_matrix: Callable[[dict, int, int], None] | None = None,
     on_shard: Callable[[str, int, int], None] | None = None,
     on_progress: Callable[[str, int, int], None] | None = None,
+    on_block: Callable[[dict], None] | None = None,
 ) -> ImportResult:
     """Convert `source` into a new store at `store` (a new or empty directory) under `policy`.
 
@@ -484,8 +497,11 @@ def import_model(
     measured on its text (`sct_edge.convert.calibration`), then recovered block-wise when it asks for that; the
     embedding and head, when not dense, take the plain SVD. `on_matrix(report_row, done, total)` follows the
     plain conversions, `on_progress(phase, blocks_done, blocks)` the calibrated passes, `on_shard(name,
-    bytes_done, bytes_total)` the store writing. On any failure nothing is left behind: the staging files go,
-    and so does the store directory if this call created it.
+    bytes_done, bytes_total)` the store writing, `on_block(row)` each calibrated block as it is finished (its
+    output errors and recovery). With `calibration.budget`, the import checks up front that it fits (`memory_plan`:
+    SctError when even one block cannot) and spills its activation streams to files in the staging directory,
+    next to the store, when they would not fit in RAM. On any failure nothing is left behind: the staging files
+    (spilled activations included) go, and so does the store directory if this call created it.
     """
     started = time.perf_counter()
     if not isinstance(source, SourceModel):
@@ -502,11 +518,18 @@ def import_model(
         seq_len = min(calibration.seq_len, source.config.max_seq_len)
         text = calibration_text(calibration.paths, source.tokenizer, calibration.tokens, seq_len,
                                 source.chat_template)
+        try:
+            plan = memory_plan(source.config, text.n_tokens, seq_len, calibration.budget)
+        except SctError as error:
+            raise SctError(f"{source.path}: {error}") from None
+        if calibration.spill is not None:
+            plan.spill = calibration.spill
     todo = [m for m in matrices(source.config) if specs[m.component].mode != "dense"]
     created = not store.exists()
     staging = Path(tempfile.mkdtemp(prefix=f".{store.name}.import-", dir=_existing_ancestor(store.parent)))
+    streams = Activations(staging / "activations" if text is not None and plan.spill else None)
     try:
-        allocated = allocate(source, specs, state_dtype, None if text is None else text.tokens, on_progress)
+        allocated = allocate(source, specs, state_dtype, None if text is None else text.tokens, on_progress, streams)
         allocated_at = time.perf_counter()
         report, block_rows = [], []
 
@@ -543,7 +566,7 @@ def import_model(
                     return spectrum.rank_for_output_energy(float(spec.value))
                 return allocated[path] if spec.mode in SIZED else fixed_rank(spec, shape)
 
-            def on_block(result: BlockResult) -> None:
+            def finish_block(result: BlockResult) -> None:
                 for r in result.matrices:
                     stage(r.path, r.U, r.s, r.V)
                     report.append({
@@ -556,16 +579,22 @@ def import_model(
                         "svd": "output-aware",
                     })
                 block_rows.append({"block": result.layer, "error_before": result.error_before,
-                               "error_after": result.error_after, **result.recovery})
+                                   "error_after": result.error_after, **result.recovery})
+                if on_block is not None:
+                    on_block(block_rows[-1])
 
             recovery = calibration.recovery
             recover = None
             if recovery is not None and recovery.steps > 0:
+                if recovery.micro_tokens is None:
+                    width = max(source.config.ffn_dim, source.config.dim)
+                    recovery = dataclasses.replace(recovery, micro_tokens=chunk_tokens(width))
+
                 def recover(block, inputs, targets, layer):
                     return recover_block(block, inputs, targets, layer, recovery)
 
             convert_blocks(source, text.tokens, choose_rank, sequential=calibration.sequential, recover=recover,
-                           on_block=on_block, on_progress=on_progress)
+                           on_block=finish_block, on_progress=on_progress, streams=streams)
             order = {m.path: i for i, m in enumerate(matrices(source.config))}
             report.sort(key=lambda row: order[row["matrix"]])
         converted = time.perf_counter()
@@ -587,6 +616,7 @@ def import_model(
                 "sequences": int(text.tokens.shape[0]),
                 "seq_len": int(text.tokens.shape[1]),
                 "statistics": "sequential" if calibration.sequential else "dense",
+                "memory": {"budget": calibration.budget, "estimate": plan.resident, "spilled": plan.spill},
             }
             method["recovery"] = (None if calibration.recovery is None
                                   else dataclasses.asdict(calibration.recovery))
@@ -658,4 +688,5 @@ def import_model(
         write_seconds=finished - converted,
         notes=notes,
         blocks=block_rows,
+        calibration_memory=method.get("calibration", {}).get("memory", {}),
     )

@@ -25,6 +25,8 @@ from torch import Tensor
 
 from sct_edge.errors import SctError
 
+ROW_CHUNK = 4096  # rows of W turned to float64 at a time: no float64 copy of a whole 14336 x 4096 matrix
+
 
 def covariance_root(c: Tensor) -> Tensor:
     """S (n x n, float64) with S Sᵀ = C for a symmetric positive semi-definite C: Q Λ^{1/2} from eigh."""
@@ -32,13 +34,55 @@ def covariance_root(c: Tensor) -> Tensor:
     return q * lam.clamp_min(0.0).sqrt()
 
 
+def weight_norm2(w: Tensor) -> float:
+    """‖W‖²_F in float64, a block of rows at a time."""
+    return float(sum(float((part.to(torch.float64) ** 2).sum()) for part in w.split(ROW_CHUNK)))
+
+
+def weight_gram(w: Tensor) -> Tensor:
+    """Wᵀ W (in x in, float64), a block of rows of W at a time."""
+    total = torch.zeros(w.shape[1], w.shape[1], dtype=torch.float64)
+    for part in w.split(ROW_CHUNK):
+        part = part.to(torch.float64)
+        total.addmm_(part.T, part)
+    return total
+
+
+def times_w(a: Tensor, w: Tensor) -> Tensor:
+    """A W in float64 for A (k x out) and W (out x in), a block of W's columns at a time."""
+    a = a.to(torch.float64)
+    return torch.cat([a @ part.to(torch.float64) for part in w.split(ROW_CHUNK, dim=1)], dim=1)
+
+
 @dataclass
 class OutputSpectrum:
-    """The SVD of W S for one matrix: what any rank of it would keep, before a rank is chosen."""
+    """The SVD of W S for one matrix: what any rank of it would keep, before a rank is chosen.
+
+    The left singular vectors are held as `P` (out x r) when they come from an out x out eigenproblem; for a
+    matrix with more outputs than inputs they are W S Z σ⁻¹ for the right singular vectors Z, so `SZ` = S Z
+    (in x r) is held instead and `vectors(w, k)` builds only the k that are asked for."""
 
     P: Tensor | None  # out x r, left singular vectors of W S (float64); None when only the values were asked for
     sigma: Tensor  # r, its singular values, descending (float64)
     weight_norm2: float  # ‖W‖²_F
+    SZ: Tensor | None = None  # in x r (float64): S Z, for the wide matrices
+
+    def vectors(self, w: Tensor, rank: int) -> Tensor:
+        """P_k (out x rank, float64, orthonormal columns), the leading left singular vectors of W S."""
+        if self.P is not None:
+            return self.P[:, :rank]
+        if self.SZ is None:
+            raise SctError("this output spectrum was computed without its vectors")
+        # W S z_j = σ_j p_j. A column whose σ is (close to) zero has no direction of its own: any unit vector
+        # orthogonal to the others keeps the same outputs, and the QR below supplies one (Householder QR gives
+        # orthonormal columns whatever the input); elsewhere it only removes rounding.
+        sigma = self.sigma[:rank]
+        tiny = sigma <= sigma[0] * 1e-7 if sigma.numel() and sigma[0] > 0 else torch.ones_like(sigma, dtype=bool)
+        p = times_w(self.SZ[:, :rank].T, w.T).T / torch.where(tiny, torch.ones_like(sigma), sigma)
+        p[:, tiny] = 0.0
+        q, r = torch.linalg.qr(p)
+        signs = torch.sign(torch.diagonal(r))
+        return q * torch.where(signs == 0, torch.ones_like(signs), signs)
 
     def output_energy(self, rank: int) -> float:
         total = float((self.sigma**2).sum())
@@ -68,31 +112,51 @@ class CovarianceRoot:
             self._root = covariance_root(self.c)
         return self._root
 
+    def release_covariance(self) -> None:
+        """Compute the root now and let C go (when no matrix of the stage needs C itself)."""
+        self.root  # noqa: B018
+        self.c = None
+
+
+def gram_spectrum(gram: Tensor, w_norm2: float, vectors: bool = True) -> OutputSpectrum:
+    """The spectrum of W S from its output Gram (W S)(W S)ᵀ = W C Wᵀ (out x out): eigenvectors P, eigenvalues σ²."""
+    gram = gram.to(torch.float64)
+    gram = (gram + gram.T) / 2  # exactly symmetric for eigh
+    if vectors:
+        lam, p = torch.linalg.eigh(gram)
+        p = p.flip(1)
+    else:
+        lam, p = torch.linalg.eigvalsh(gram), None
+    return OutputSpectrum(p, lam.flip(0).clamp_min(0.0).sqrt(), w_norm2)
+
 
 def output_spectrum(w: Tensor, cov: CovarianceRoot, vectors: bool = True) -> OutputSpectrum:
     """The left singular vectors (with `vectors`) and singular values of W S, S Sᵀ = C the input covariance.
 
     A matrix with no more outputs than inputs takes them from `eigh(W C Wᵀ)` (out x out): (W S)(W S)ᵀ = W C Wᵀ,
-    so its eigenvectors are P and its eigenvalues σ², with no square root of C at all; this is what keeps the
-    MLP's down projection (whose C is ffn x ffn) cheap. A wider output (gate, up) takes the SVD of W S (out x in)
-    with S = Q Λ^{1/2} from eigh(C), shared by the matrices that read the same input.
+    so its eigenvectors are P and its eigenvalues σ², with no square root of C at all (`gram_spectrum`; the
+    MLP's down projection gets its W C Wᵀ straight from its outputs, `calibration.staged_forward`, and its
+    ffn x ffn C is never formed). A wider output (gate, up: 14336 x 4096 in an 8B model) takes the eigenproblem
+    on the input side instead, (W S)ᵀ(W S) = Sᵀ Wᵀ W S = Z diag(σ²) Zᵀ (in x in), with S = Q Λ^{1/2} from
+    eigh(C) shared by the matrices that read the same input; its left vectors are W S Z σ⁻¹, built for the
+    kept rank only (`OutputSpectrum.vectors`), so nothing out x in is ever held in float64 for them (W is turned
+    to float64 a block of rows at a time).
     """
-    w64 = w.to(torch.float64)
     n_out, n_in = w.shape
     if n_out <= n_in:
-        gram = w64 @ cov.c @ w64.T
-        gram = (gram + gram.T) / 2  # exactly symmetric for eigh
-        if vectors:
-            lam, p = torch.linalg.eigh(gram)
-            p = p.flip(1)
-        else:
-            lam, p = torch.linalg.eigvalsh(gram), None
-        sigma = lam.flip(0).clamp_min(0.0).sqrt()
-    elif vectors:
-        p, sigma, _ = torch.linalg.svd(w64 @ cov.root, full_matrices=False)
+        wc = torch.cat([part.to(torch.float64) @ cov.c for part in w.split(ROW_CHUNK)])  # W C (out x in)
+        gram = times_w(wc, w.T)  # W C Wᵀ
+        del wc
+        return gram_spectrum(gram, weight_norm2(w), vectors)
+    s = cov.root
+    m = (s.T @ weight_gram(w)) @ s  # (W S)ᵀ (W S), in x in; eigh reads one triangle, so no symmetrising copy
+    if vectors:
+        lam, z = torch.linalg.eigh(m)
+        sz = s @ z.flip(1)
     else:
-        p, sigma = None, torch.linalg.svdvals(w64 @ cov.root)
-    return OutputSpectrum(p, sigma, float((w64**2).sum()))
+        lam, sz = torch.linalg.eigvalsh(m), None
+    sigma = lam.flip(0).clamp_min(0.0).sqrt()
+    return OutputSpectrum(None, sigma, weight_norm2(w), sz)
 
 
 @dataclass
@@ -115,8 +179,8 @@ def output_aware_factors(w: Tensor, spectrum: OutputSpectrum, rank: int) -> Outp
     n_out, n_in = w.shape
     if not 1 <= rank <= min(n_out, n_in):
         raise SctError(f"rank {rank} is outside 1..{min(n_out, n_in)} for a {n_out} x {n_in} matrix")
-    p_k = spectrum.P[:, :rank]
-    q, sigma, zt = torch.linalg.svd(p_k.T @ w.to(torch.float64), full_matrices=False)
+    p_k = spectrum.vectors(w, rank)
+    q, sigma, zt = torch.linalg.svd(times_w(p_k.T, w), full_matrices=False)
     kept = float((sigma**2).sum())
     weight_energy = 1.0 if spectrum.weight_norm2 == 0.0 else min(1.0, kept / spectrum.weight_norm2)
     return OutputAwareFactors(

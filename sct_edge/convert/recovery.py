@@ -28,11 +28,13 @@ class RecoveryConfig:
     lr: float = 2e-4  # AdamW's step on U, s and V (Adam moves each entry by about this much a step)
     batch_tokens: int = 2048  # tokens a step: whole calibration sequences, drawn at random
     seed: int = 0
+    micro_tokens: int | None = None  # tokens a forward/backward at most (gradients accumulated); None: the batch
 
 
 def recover_block(block: Block, inputs: Tensor, targets: Tensor, layer: int, config: RecoveryConfig) -> dict:
     """Train the spectral factors of `block` in place for `config.steps` steps towards block(inputs) = targets
-    (both sequences x seq_len x dim); returns the steps taken and the first and last batch losses."""
+    (both sequences x seq_len x dim, in RAM or memory-mapped); returns the steps taken and the first and last
+    batch losses."""
     n_seq, seq_len = inputs.shape[:2]
     cos, sin = rope_tables(block.attn.config, torch.arange(seq_len))
     params = {name: p for name, p in block.named_parameters() if is_spectral(name)}
@@ -43,15 +45,23 @@ def recover_block(block: Block, inputs: Tensor, targets: Tensor, layer: int, con
     optim = OptimConfig(lr_spectral=config.lr, beta2=0.999, weight_decay=0.0)
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + layer)
     batch = min(n_seq, max(1, config.batch_tokens // seq_len))
+    micro = batch if config.micro_tokens is None else min(batch, max(1, config.micro_tokens // seq_len))
     losses = []
     for p in params.values():
         p.requires_grad_(True)
     try:
         for step in range(1, config.steps + 1):
             pick = torch.randperm(n_seq, generator=generator)[:batch]
-            loss = F.mse_loss(block(inputs[pick], cos, sin), targets[pick])
-            grads = torch.autograd.grad(loss, list(params.values()))
-            losses.append(float(loss.detach()))
+            # the batch's mean squared error, a micro-batch at a time: the autograd graph of one micro-batch
+            # at most is alive (the MLP's ffn-wide activations of `micro_tokens` tokens, not of the batch)
+            grads, loss = None, 0.0
+            for part in pick.split(micro):
+                err = F.mse_loss(block(inputs[part], cos, sin), targets[part], reduction="sum") / (
+                    pick.numel() * seq_len * inputs.shape[-1])
+                g = torch.autograd.grad(err, list(params.values()))
+                grads = g if grads is None else [a + b for a, b in zip(grads, g, strict=True)]
+                loss += float(err.detach())
+            losses.append(loss)
             with torch.no_grad():
                 adamw_update(
                     {name: p.data for name, p in params.items()},
