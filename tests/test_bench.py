@@ -13,6 +13,7 @@ import pytest
 
 from sct_edge.cli import main
 from sct_edge.engine.flops import attention_flops, forward_flops_per_sequence, gemm_peak, mfu, training_step_flops
+from sct_edge.engine.memory_cap import cgroup_available
 from sct_edge.model.config import RankPolicy, get_preset
 from sct_edge.model.transformer import dense_config
 from sct_edge.store.store import MANIFEST, Store
@@ -78,6 +79,7 @@ def test_a_missing_store_is_a_one_line_error(tmp_path, capsys):
     (["--batch", "0"], "--batch must be at least 1"),
     (["--engine", "plain"], "--workload lm"),
     (["--scratch", "/nonexistent-dir"], "not an existing directory"),
+    (["--workload", "lm", "--engine", "reference", "--cap", "1GiB"], "--cap applies to the streamed engine"),
 ])
 def test_bad_arguments_are_one_line_errors(args, message, capsys):
     rc, _, err = bench_here(capsys, "--preset", "tiny", "--peak-flops", "1e9", *args)
@@ -116,3 +118,14 @@ def test_all_engines_report_ratios_to_the_plain_loop(tmp_path):
     for engine in ("streamed", "reference", "plain"):
         assert "aten::mm" in (tmp_path / "trace" / f"{engine}.top.txt").read_text()
         assert (tmp_path / "trace" / f"{engine}.trace.json").stat().st_size > 0
+
+
+@pytest.mark.skipif(not cgroup_available(), reason="needs a writable cgroup v1 memory controller (root)")
+def test_the_streamed_engine_alone_runs_under_a_cap(tmp_path):
+    done = bench("--preset", "tiny", "--workload", "lm", "--batch", "1", "--seq", "8", "--steps", "1", "--profile",
+                 "ci", "--engine", "streamed", "--cap", "2GiB", "--json", "--peak-flops", "1e9",
+                 "--scratch", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    (line,) = [json.loads(x) for x in done.stdout.strip().splitlines()]
+    assert line["engine"] == "streamed" and line["cap"] == "2GiB"
+    assert 0 < line["cgroup_max_usage_in_bytes"] <= 2 * 2**30 == line["cgroup_limit_in_bytes"]
