@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sct_edge.model.loss import IGNORE_INDEX, chunk_tokens_for, lm_loss_backward
+from sct_edge.model.accounting import chunk_tokens_for
+from sct_edge.model.loss import IGNORE_INDEX, lm_loss_backward
 from sct_edge.model.spectral import spectral_apply
 
 

@@ -16,7 +16,7 @@ from sct_edge.engine.plan import (
 )
 from sct_edge.engine.profile import load_profile, parse_size
 from sct_edge.errors import SctError
-from sct_edge.model.accounting import count_params
+from sct_edge.model.accounting import chunk_tokens_for, count_params
 from sct_edge.model.config import ModelConfig, RankPolicy, get_preset
 from sct_edge.model.transformer import Block, rope_tables
 
@@ -88,7 +88,8 @@ def test_everything_resident_under_a_huge_budget():
     assert plan.block_weight_bytes == 4 * plan.block_params and plan.block_moment_bytes == 8 * plan.block_params
     assert plan.store_bytes == 12 * (sum(count.block_stored) + count.embed.stored + count.head.stored + config.dim)
     assert plan.boundary_activation_bytes == (config.n_layers + 1) * 2 * 16 * config.dim * 4
-    assert plan.logits_bytes == 2 * 16 * config.vocab_size * 4 * 3
+    # 32 tokens fit one loss chunk: its logits, log-softmax and their gradient, and one head gradient.
+    assert plan.logits_bytes == 2 * 16 * config.vocab_size * 4 * 3 + 4 * (count.head.stored or count.embed.stored)
     assert plan.predicted_peak_bytes == (
         RUNTIME_OVERHEAD_BYTES
         + plan.embed_head_bytes
@@ -260,3 +261,13 @@ def test_bad_plan_inputs(kwargs, match):
     args = {"batch": 1, "seq": 8, **kwargs}
     with pytest.raises(SctError, match=match):
         make_plan(get_preset("tiny"), profile(), **args)
+
+
+def test_the_logits_working_set_is_one_loss_chunk_not_the_whole_batch():
+    config = get_preset("llama3-8b").with_ranks(RankPolicy.uniform(128))
+    short = make_plan(config, profile("100GiB"), batch=1, seq=64)
+    long = make_plan(config, profile("100GiB"), batch=4, seq=2048)
+    chunk = chunk_tokens_for(config.vocab_size)
+    head = count_params(config).head.stored
+    assert short.logits_bytes == 64 * config.vocab_size * 12 + 4 * head
+    assert long.logits_bytes == chunk * config.vocab_size * 12 + 4 * head < 4 * 2048 * config.vocab_size * 12

@@ -17,7 +17,10 @@ What RAM holds during a step (the terms of `MemoryPlan`):
 - one block's backward working set (`block_saved_elements` + `backward_transient_elements`); with
   `activations = keep` each resident block also keeps its forward graph (its saved tensors) until backward,
   and only a paged block is recomputed.
-- the logits working set ("lm"): batch × seq × vocab × 3 (logits, log-softmax, their gradient).
+- the logits working set ("lm"): the loss is taken a chunk of tokens at a time (`sct_edge/model/loss.py`),
+  so one chunk's float32 logits, log-softmax and their gradient (3 × chunk × vocab × 4 B, plus the
+  compute-dtype logits when that is not float32) and the head's gradient of that chunk before it is
+  added to the accumulated one.
 - the runtime: `RUNTIME_OVERHEAD_BYTES` for the Python + torch process itself.
 - across replicas (torchrun, `replicas` > 1): the gradient exchange keeps two shards in flight behind the
   backward (`sct_edge/parallel/replicas.py`): per shard a gradient bucket (float32, or bfloat16 with
@@ -36,7 +39,7 @@ from dataclasses import dataclass, field
 
 from sct_edge.engine.profile import DTYPE_BYTES, Profile
 from sct_edge.errors import SctError
-from sct_edge.model.accounting import GiB, MiB, block_matrices, count_params, format_bytes
+from sct_edge.model.accounting import GiB, MiB, block_matrices, chunk_tokens_for, count_params, format_bytes
 from sct_edge.model.config import ModelConfig
 
 # The Python + torch process before any model tensor: RSS after `import torch, sct_edge.model.transformer` measured
@@ -315,11 +318,19 @@ def _step_costs(
         transient=backward_transient_elements(config, batch, seq) * act_bytes,
         # bfloat16 compute works on a bf16 copy of the computing block's fp32 weights.
         cast=block_params * 2 if profile.compute_dtype == "bfloat16" else 0,
-        logits=3 * batch * seq * config.vocab_size * act_bytes if workload == "lm" else 0,
+        logits=logits_working_set(config, batch * seq, count.head.stored or count.embed.stored, act_bytes)
+        if workload == "lm" else 0,
         # With keep, a resident block holds its forward graph until backward (its input is a boundary
         # activation already); a paged block always recomputes, since its weights leave RAM between the passes.
         kept_per_block=micro_batches * (saved - boundary_tensor) if activations == "keep" else 0,
     )
+
+
+def logits_working_set(config: ModelConfig, tokens: int, head_params: int, act_bytes: int) -> int:
+    """Bytes the chunked loss holds at once for a micro-batch of `tokens` tokens (see the module docstring)."""
+    chunk = min(tokens, chunk_tokens_for(config.vocab_size))
+    per_logit = 3 * FP32 + (act_bytes if act_bytes != FP32 else 0)
+    return chunk * config.vocab_size * per_logit + head_params * FP32
 
 
 def minimum_budget(

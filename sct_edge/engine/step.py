@@ -48,8 +48,9 @@ from sct_edge.engine.pager import Pager
 from sct_edge.engine.plan import MemoryPlan
 from sct_edge.engine.spill import ActivationSpill
 from sct_edge.events import EventSink
+from sct_edge.model.accounting import chunk_tokens_for
 from sct_edge.model.config import ModelConfig
-from sct_edge.model.loss import IGNORE_INDEX, chunk_tokens_for, lm_loss_backward
+from sct_edge.model.loss import IGNORE_INDEX, lm_loss_backward
 from sct_edge.model.retraction import retract_
 from sct_edge.model.transformer import Block, KVCache, build_embedding, build_head, rope_tables, tied_head_logits
 from sct_edge.store.shard_names import block_shard, is_optim, optim_shard, weights_shard

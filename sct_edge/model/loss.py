@@ -4,7 +4,8 @@ Logits of a whole micro-batch are batch × seq × vocab: at SmolLM2's 49,152-ent
 tokens that is 201 MB in float32, and autograd keeps it, its log-softmax and their gradients alive together.
 `lm_loss_backward` computes the same mean cross-entropy chunk by chunk over the tokens and backpropagates
 each chunk at once, so at most `chunk_tokens` × vocab logits exist at any time, they stay cache-sized, and
-the head's parameters accumulate the same gradients as one backward of the full loss.
+the head's parameters accumulate the same gradients as one backward of the full loss. The engine takes its chunk
+size from `sct_edge.model.accounting.chunk_tokens_for`, where the memory plan counts the chunk too.
 """
 
 from __future__ import annotations
@@ -16,17 +17,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 IGNORE_INDEX = -100  # targets that carry no loss (prompts, padding), as in `F.cross_entropy`
-# float32 logits per chunk: 682 tokens at a 49,152 vocabulary, 261 at 128,256. Each chunk adds its own head
-# gradient (113 MB for SmolLM2's tied head), so fewer, larger chunks cost less time (measured: 7 chunks of
-# 1,024 tokens took 1.34x the full loss under load).
-CHUNK_LOGIT_BYTES = 128 * 2**20
-
-
-def chunk_tokens_for(vocab_size: int, budget_bytes: int = CHUNK_LOGIT_BYTES) -> int:
-    """Tokens per chunk so that one chunk's float32 logits take about `budget_bytes`."""
-    return max(1, budget_bytes // (4 * vocab_size))
-
-
 def lm_loss_backward(
     h: Tensor, targets: Tensor, logits_fn: Callable[[Tensor], Tensor], scale: float = 1.0,
     chunk_tokens: int | None = None,
