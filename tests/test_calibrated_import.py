@@ -452,6 +452,9 @@ def test_spilled_streams_are_file_backed_and_unlinked(tmp_path):
     t[:] = 2.0
     assert float(t.sum()) == 120.0 and streams.spilled
     assert list((tmp_path / "spill").iterdir()) == []  # the mapping holds the data, the name is gone
+    (tmp_path / "a-file").write_text("not a directory")
+    with pytest.raises(SctError, match="cannot spill 0 MiB of activations there"):
+        Activations(tmp_path / "a-file" / "spill").empty((2, 2))
 
 
 def test_a_budget_too_small_is_one_line_and_leaves_nothing(tmp_path, model_dir, capsys):

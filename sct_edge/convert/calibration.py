@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,8 +210,17 @@ class Activations:
             n *= d
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
+            # the blocks are reserved first: a full disk is this one-line error, not a SIGBUS when a page is written
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, 4 * n)
+            finally:
+                os.close(fd)
             tensor = torch.from_file(str(path), shared=True, size=n, dtype=torch.float32)
-        except (OSError, RuntimeError) as error:
+        except OSError as error:
+            raise SctError(f"{path}: cannot spill {4 * n / 2**20:.0f} MiB of activations there "
+                           f"({error.strerror})") from None
+        except RuntimeError as error:
             raise SctError(f"{path}: cannot spill activations there ({error})") from None
         finally:
             with contextlib.suppress(OSError):
