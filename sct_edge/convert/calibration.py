@@ -383,9 +383,6 @@ def embedded(source: SourceModel, tokens: Tensor, streams: Activations | None = 
 def spectra(block: Block, stage: str, stats: StageStatistics, names: list[str], vectors: bool = True):
     """(name, dense weight, OutputSpectrum) of each of `names` (matrices of `stage`) from the stage's statistics."""
     cov = None if stats.covariance is None else CovarianceRoot(stats.covariance)
-    if cov is not None and all(submodule(block, n).weight.shape[0] > submodule(block, n).weight.shape[1]
-                               for n in names):
-        cov.release_covariance()  # gate and up need only its root: C goes as soon as the root is there
     for name in names:
         w = submodule(block, name).weight
         if name in stats.grams:

@@ -112,11 +112,6 @@ class CovarianceRoot:
             self._root = covariance_root(self.c)
         return self._root
 
-    def release_covariance(self) -> None:
-        """Compute the root now and let C go (when no matrix of the stage needs C itself)."""
-        self.root  # noqa: B018
-        self.c = None
-
 
 def gram_spectrum(gram: Tensor, w_norm2: float, vectors: bool = True) -> OutputSpectrum:
     """The spectrum of W S from its output Gram (W S)(W S)ᵀ = W C Wᵀ (out x out): eigenvectors P, eigenvalues σ²."""
