@@ -1,7 +1,6 @@
 """Process-wide settings: made by `configure_process` at an entry point only, restorable, and an I/O thread
 gets one OpenMP thread without touching the compute thread's."""
 
-import ctypes
 import os
 import signal
 import time
@@ -63,38 +62,6 @@ def test_configure_process_sets_threads_and_malloc_and_the_fixture_can_put_them_
     restore_process(before)
     assert torch.get_num_threads() == before.threads
     assert current_process_settings().malloc in (before.malloc, GLIBC_MALLOC)
-
-
-def _mmapped_bytes() -> int:
-    """Bytes glibc malloc holds in chunks of their own mmap (mallinfo2's hblkhd)."""
-
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                        "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-    libc = ctypes.CDLL(None)
-    if not hasattr(libc, "mallinfo2"):
-        pytest.skip("not glibc >= 2.33 (no mallinfo2)")
-    libc.mallinfo2.restype = MallInfo2
-    return libc.mallinfo2().hblkhd
-
-
-def test_the_step_serves_large_tensors_from_the_heap():
-    # Above 32 MiB (glibc's largest mmap threshold) a tensor would be its own mmap, zeroed and faulted in anew
-    # every time: the FFN-wide activations of large models. The step's settings take them from the heap.
-    before = current_process_settings()
-    try:
-        configure_process(ProcessSettings(malloc=STEP_MALLOC))
-        mapped = _mmapped_bytes()
-        big = torch.empty(96 << 20, dtype=torch.uint8)
-        assert _mmapped_bytes() == mapped
-        del big
-        configure_process(ProcessSettings(malloc=GLIBC_MALLOC))
-        big = torch.empty(96 << 20, dtype=torch.uint8)
-        assert _mmapped_bytes() >= mapped + (96 << 20)  # the check itself can tell the difference
-        del big
-    finally:
-        restore_process(before)
 
 
 def test_the_profile_decides_the_threads_capped_at_the_usable_cores():

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,24 +27,19 @@ from sct_edge.engine.profile import Profile
 
 @dataclass(frozen=True)
 class MallocThresholds:
-    """glibc malloc's settings (mallopt): the mmap and trim thresholds, how many chunks may be mmap'd, arenas."""
+    """glibc malloc's mmap and trim thresholds (mallopt M_MMAP_THRESHOLD and M_TRIM_THRESHOLD)."""
 
     mmap_bytes: int
     trim_bytes: int
-    mmap_max: int = 65536  # M_MMAP_MAX: chunks served by their own mmap at once (0: none, all from the heap)
-    arena_max: int = 8 * (os.cpu_count() or 1)  # M_ARENA_MAX (glibc's own limit is 8 per core)
 
 
-# The step's settings. Every allocation is served from the heap and reused: with glibc's small initial mmap
-# threshold, or a tiny one, each activation and gradient is a fresh mmap that the kernel must zero and fault
-# in, which measured half the tiny preset's step time in system CPU; and above the largest threshold glibc
-# allows (32 MiB), each FFN-wide activation of a large model still was (117 MB each for llama3-8b at 2,048
-# tokens): a llama3-8b r128 block's forward and backward at 4 x 512 took 2.56 s with them mmap'd and 1.85 s
-# from the heap. One arena, so no thread's allocation can exceed a secondary arena's 64 MiB heaps (with mmap
-# off that would fail). Free memory at the top of the heap beyond 64 MiB goes back to the OS, and when
+# The step's thresholds. Allocations up to 32 MiB (activations, gradients, AdamW scratch: a step makes
+# thousands) are served from the heap and reused; with glibc's small initial mmap threshold, or a tiny one,
+# each of them is a fresh mmap that the kernel must zero and fault in, which measured half the tiny preset's
+# step time in system CPU. Free memory at the top of the heap beyond 64 MiB goes back to the OS, and when
 # blocks are paged the pager trims every arena before each block it loads (`release_free_heap`, decided by
 # the memory plan), so paged blocks that come and go do not stay in the resident set.
-STEP_MALLOC = MallocThresholds(mmap_bytes=32 << 20, trim_bytes=64 << 20, mmap_max=0, arena_max=1)
+STEP_MALLOC = MallocThresholds(mmap_bytes=32 << 20, trim_bytes=64 << 20)
 # glibc's initial values. glibc adapts its thresholds until they are first set; once set they stay fixed,
 # so these are as near as a process can come back to the defaults.
 GLIBC_MALLOC = MallocThresholds(mmap_bytes=128 << 10, trim_bytes=128 << 10)
@@ -97,11 +91,9 @@ def _set_malloc(thresholds: MallocThresholds) -> None:
     libc = _libc()
     if libc is None:
         return  # not glibc (macOS, musl): nothing to tune
-    m_trim_threshold, m_mmap_threshold, m_mmap_max, m_arena_max = -1, -3, -4, -8
+    m_trim_threshold, m_mmap_threshold = -1, -3
     libc.mallopt(m_mmap_threshold, thresholds.mmap_bytes)
     libc.mallopt(m_trim_threshold, thresholds.trim_bytes)
-    libc.mallopt(m_mmap_max, thresholds.mmap_max)
-    libc.mallopt(m_arena_max, thresholds.arena_max)
     _applied_malloc = thresholds
 
 
