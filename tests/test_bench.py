@@ -10,8 +10,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from sct_edge.cli import main
+from sct_edge.engine.benchmark import time_by_kind
 from sct_edge.engine.flops import attention_flops, forward_flops_per_sequence, gemm_peak, mfu, training_step_flops
 from sct_edge.engine.memory_cap import cgroup_available
 from sct_edge.model.config import RankPolicy, get_preset
@@ -118,6 +121,7 @@ def test_all_engines_report_ratios_to_the_plain_loop(tmp_path):
     for engine in ("streamed", "reference", "plain"):
         assert "aten::mm" in (tmp_path / "trace" / f"{engine}.top.txt").read_text()
         assert (tmp_path / "trace" / f"{engine}.trace.json").stat().st_size > 0
+        assert json.loads((tmp_path / "trace" / f"{engine}.kinds.json").read_text())["GEMM"] > 0
 
 
 @pytest.mark.skipif(not cgroup_available(), reason="needs a writable cgroup v1 memory controller (root)")
@@ -129,3 +133,17 @@ def test_the_streamed_engine_alone_runs_under_a_cap(tmp_path):
     (line,) = [json.loads(x) for x in done.stdout.strip().splitlines()]
     assert line["engine"] == "streamed" and line["cap"] == "2GiB"
     assert 0 < line["cgroup_max_usage_in_bytes"] <= 2 * 2**30 == line["cgroup_limit_in_bytes"]
+
+
+def test_a_profile_is_summed_by_kind_of_op():
+    a = torch.randn(64, 64)
+    with torch.profiler.profile() as profiler:
+        logits = (a @ a) * 2.0
+        F.cross_entropy(logits, torch.zeros(64, dtype=torch.long))
+        torch.linalg.cholesky(a @ a.T + 64 * torch.eye(64))
+    kinds = time_by_kind(profiler.key_averages())
+    assert set(kinds) == {"attention", "GEMM", "loss", "retraction", "optimizer", "element-wise", "other"}
+    assert kinds["GEMM"] > 0 and kinds["loss"] > 0 and kinds["retraction"] > 0 and kinds["element-wise"] > 0
+    assert kinds["attention"] == kinds["optimizer"] == 0
+    total = sum(e.self_cpu_time_total for e in profiler.key_averages()) / 1e6
+    assert sum(kinds.values()) == pytest.approx(total)

@@ -38,7 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--peak-flops", type=float,
                    help="fp32 GEMM peak (FLOP/s) to compute MFU against (default: measured at the start of the run)")
     p.add_argument("--trace", help="directory for a torch.profiler trace of each engine's last step "
-                                   "(ENGINE.trace.json for chrome://tracing, ENGINE.top.txt: the top ops)")
+                                   "(ENGINE.trace.json for chrome://tracing, ENGINE.top.txt: the top ops, "
+                                   "ENGINE.kinds.json: seconds by kind of op)")
     p.add_argument("--cap", help="run the streamed child under a hard cgroup memory cap of this size "
                                  "(page cache charged; Linux cgroup v1, root); with --engine streamed, both or all")
     p.add_argument("--json", action="store_true", help="print JSON lines only")

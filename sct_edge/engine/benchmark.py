@@ -122,11 +122,33 @@ def timed_steps(spec: BenchSpec, config: ModelConfig, engine: str, step_fn) -> t
     return times, results
 
 
+# What a step's time goes to, by the op names torch.profiler reports (self CPU time); first match wins.
+OP_KINDS = (
+    ("attention", ("scaled_dot_product", "_efficient_attention", "_flash_attention")),
+    ("GEMM", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear")),
+    ("loss", ("log_softmax", "nll_loss", "cross_entropy")),
+    ("retraction", ("linalg_", "cholesky", "triangular")),
+    ("optimizer", ("adamw", "_foreach_", "lerp", "addcdiv", "addcmul")),
+    ("element-wise", ("aten::",)),
+)
+
+
+def time_by_kind(averages) -> dict[str, float]:
+    """Self CPU seconds of a profile's ops grouped into OP_KINDS ("other": autograd and Python bookkeeping)."""
+    seconds: dict[str, float] = {kind: 0.0 for kind, _ in OP_KINDS} | {"other": 0.0}
+    for event in averages:
+        kind = next((k for k, names in OP_KINDS if any(n in event.key for n in names)), "other")
+        seconds[kind] += event.self_cpu_time_total / 1e6
+    return seconds
+
+
 def write_trace(profiler, directory: Path, engine: str) -> None:
-    """The chrome trace (`ENGINE.trace.json`) and the top ops by self CPU time (`ENGINE.top.txt`)."""
+    """The chrome trace (`ENGINE.trace.json`), the top ops by self CPU time (`ENGINE.top.txt`) and the time by
+    kind of op (`ENGINE.kinds.json`: GEMM, attention, element-wise, loss, retraction, optimizer, other)."""
     directory.mkdir(parents=True, exist_ok=True)
     profiler.export_chrome_trace(str(directory / f"{engine}.trace.json"))
     averages = profiler.key_averages()
+    (directory / f"{engine}.kinds.json").write_text(json.dumps(time_by_kind(averages), indent=1) + "\n")
     table = averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60)
     by_shape = profiler.key_averages(group_by_input_shape=True).table(
         sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60, max_shapes_column_width=80)
