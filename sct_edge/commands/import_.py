@@ -166,10 +166,13 @@ def calibration_config(args: argparse.Namespace) -> CalibrationConfig | None:
     from sct_edge.engine.profile import load_profile, parse_size
 
     if args.calibrate is None:
-        for flag, value in (("--recover-steps", args.recover_steps), ("--statistics", args.statistics != "sequential"),
-                            ("--budget", args.budget), ("--profile", args.profile)):
+        for flag, value in (("--recover-steps", args.recover_steps), ("--statistics", args.statistics != "sequential")):
             if value:
                 raise SctError(f"{flag} needs --calibrate PATH: recovery and statistics come from calibration text")
+        for flag, value in (("--budget", args.budget), ("--profile", args.profile)):
+            if value is not None:
+                raise SctError(f"{flag} needs --calibrate PATH: a plain import holds one matrix at a time and has no "
+                               f"activations to budget")
         return None
     steps = RecoveryConfig.steps if args.recover_steps is None else args.recover_steps
     if steps < 0:
