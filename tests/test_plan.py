@@ -16,6 +16,7 @@ from sct_edge.engine.plan import (
 )
 from sct_edge.engine.profile import load_profile, parse_size
 from sct_edge.errors import SctError
+from sct_edge.model import accounting
 from sct_edge.model.accounting import chunk_tokens_for, count_params
 from sct_edge.model.config import ModelConfig, RankPolicy, get_preset
 from sct_edge.model.transformer import Block, rope_tables
@@ -73,7 +74,10 @@ def autograd_saved_bytes(config: ModelConfig, batch: int, seq: int, layer: int =
     ids=["gqa-spectral", "mha-spectral", "dense", "mixed-override", "additive-attention"],
 )
 @pytest.mark.parametrize(("batch", "seq"), [(1, 8), (3, 5)])
-def test_block_formula_matches_autograd(config, batch, seq):
+@pytest.mark.parametrize("sliced", [False, True], ids=["plain-mlp", "sliced-mlp"])
+def test_block_formula_matches_autograd(config, batch, seq, sliced, monkeypatch):
+    if sliced:  # every size runs the spectral MLP in FFN slices (model/swiglu.py)
+        monkeypatch.setattr(accounting, "SLICE_FROM_BYTES", 1)
     assert block_saved_elements(config, 0, batch, seq) * 4 == autograd_saved_bytes(config, batch, seq)
 
 

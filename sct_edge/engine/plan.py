@@ -39,7 +39,16 @@ from dataclasses import dataclass, field
 
 from sct_edge.engine.profile import DTYPE_BYTES, Profile
 from sct_edge.errors import SctError
-from sct_edge.model.accounting import GiB, MiB, block_matrices, chunk_tokens_for, count_params, format_bytes
+from sct_edge.model.accounting import (
+    MLP_SLICE_COLUMNS,
+    GiB,
+    MiB,
+    block_matrices,
+    chunk_tokens_for,
+    count_params,
+    format_bytes,
+    mlp_in_slices,
+)
 from sct_edge.model.config import ModelConfig
 
 # The Python + torch process before any model tensor: RSS after `import torch, sct_edge.model.transformer` measured
@@ -58,7 +67,14 @@ FORMER_WORKLOAD_NAMES = {"seed": "hidden-sum"}
 FP32 = 4
 
 
-def block_saved_elements(config: ModelConfig, layer: int, batch: int, seq: int) -> int:
+def _mlp_sliced(config: ModelConfig, layer: int, batch: int, seq: int, element_bytes: int) -> bool:
+    """Whether block `layer`'s MLP runs in FFN slices (`sct_edge/model/swiglu.py`): all three spectral, and large."""
+    ranks = {path.split(".", 2)[2]: rank for path, _, _, rank in block_matrices(config, layer)}
+    spectral = all(ranks[f"mlp.{m}"] is not None for m in ("gate", "up", "down"))
+    return spectral and mlp_in_slices(batch * seq, config.ffn_dim, element_bytes)
+
+
+def block_saved_elements(config: ModelConfig, layer: int, batch: int, seq: int, element_bytes: int = FP32) -> int:
     """Elements autograd saves inside block `layer` for one forward of batch × seq (parameters excluded).
 
     Counted from the model's forward (CPU, torch 2.13), per token:
@@ -70,12 +86,18 @@ def block_saved_elements(config: ModelConfig, layer: int, batch: int, seq: int) 
       additive attention o(q + k + v): the sum fed to o;                             dim
       MLP RMSNorm: the residual h, the normalised h, its output, rstd;             3·dim + 1
       SwiGLU: gate output, silu(gate), up output, the product fed to down;        4·ffn_dim
+        or, run in FFN slices (`_mlp_sliced`): x·U of gate and up and down's
+        rank-wide accumulator, and nothing of gate, up and down themselves;  k_gate + k_up + k_down
       each spectral matrix: x·U and (x·U)·s;                                        2·rank
     A dense matrix saves only its input, which is already counted.
     """
     d, kv, f = config.dim, config.kv_dim, config.ffn_dim
-    per_token = 3 * d + 1 + 3 * d + 1 + 4 * f
-    per_token += sum(2 * rank for _, _, _, rank in block_matrices(config, layer) if rank is not None)
+    sliced = _mlp_sliced(config, layer, batch, seq, element_bytes)
+    per_token = 3 * d + 1 + 3 * d + 1
+    for path, _, _, rank in block_matrices(config, layer):
+        if rank is not None:
+            per_token += rank if sliced and path.split(".", 2)[2].startswith("mlp.") else 2 * rank
+    per_token += 0 if sliced else 4 * f
     tables = 0
     if config.attention == "additive":
         per_token += d
@@ -85,14 +107,19 @@ def block_saved_elements(config: ModelConfig, layer: int, batch: int, seq: int) 
     return batch * seq * per_token + tables
 
 
-def backward_transient_elements(config: ModelConfig, batch: int, seq: int) -> int:
+def backward_transient_elements(config: ModelConfig, batch: int, seq: int, element_bytes: int = FP32) -> int:
     """Elements alive during one block's backward on top of what autograd saved: two ffn-wide gradients.
 
     Measured: the peak RSS of forward + backward of one block exceeds its saved tensors by 2 × batch × seq ×
     max(ffn_dim, dim) × 4 bytes (dim 1024 / ffn 2816, 4096, 8192 and dim 2048 / ffn 2048, seq 2048, glibc
-    with MALLOC_MMAP_THRESHOLD_=65536 so RSS follows live tensors).
+    with MALLOC_MMAP_THRESHOLD_=65536 so RSS follows live tensors). With the MLP in FFN slices the ffn-wide
+    gradients become slice-wide, and the largest transient is two dim-wide gradients plus one slice's
+    tensors (its gate, up, SiLU and product gradients: 6 × batch × seq × CHUNK_COLUMNS).
     """
-    return 2 * batch * seq * max(config.ffn_dim, config.dim)
+    tokens = batch * seq
+    if all(_mlp_sliced(config, i, batch, seq, element_bytes) for i in range(config.n_layers)):
+        return 2 * tokens * config.dim + 6 * tokens * MLP_SLICE_COLUMNS
+    return 2 * tokens * max(config.ffn_dim, config.dim)
 
 
 def suggest_budget(minimum: int) -> str:
@@ -302,7 +329,7 @@ def _step_costs(
     block_params = max(count.block_stored)
     embed_head_params = count.embed.stored + count.head.stored + count.final_norm.stored if workload == "lm" else 0
     boundary_tensor = batch * seq * config.dim * act_bytes
-    saved = max(block_saved_elements(config, i, batch, seq) for i in range(config.n_layers)) * act_bytes
+    saved = max(block_saved_elements(config, i, batch, seq, act_bytes) for i in range(config.n_layers)) * act_bytes
     return _StepCosts(
         block_stored=count.block_stored,
         block_params=block_params,
@@ -315,7 +342,7 @@ def _step_costs(
         boundary=(2 if activations == "spill" else config.n_layers + 1) * micro_batches * boundary_tensor,
         boundary_grad=micro_batches * boundary_tensor,
         saved=saved,
-        transient=backward_transient_elements(config, batch, seq) * act_bytes,
+        transient=backward_transient_elements(config, batch, seq, act_bytes) * act_bytes,
         # bfloat16 compute works on a bf16 copy of the computing block's fp32 weights.
         cast=block_params * 2 if profile.compute_dtype == "bfloat16" else 0,
         logits=logits_working_set(config, batch * seq, count.head.stored or count.embed.stored, act_bytes)

@@ -30,6 +30,23 @@ def chunk_tokens_for(vocab_size: int, budget_bytes: int = CHUNK_LOGIT_BYTES) -> 
     return max(1, budget_bytes // (4 * vocab_size))
 
 
+# The spectral SwiGLU MLP runs in FFN slices (`sct_edge/model/swiglu.py`) once a tokens x ffn activation
+# reaches this size: glibc's largest mmap threshold, above which every such tensor is a fresh mapping that the
+# kernel zeroes and faults in. Below it the plain composition is faster (the slices recompute in backward):
+# SmolLM2 r128 at 4 x 256 (6 MB tensors, activations kept) took 4.56 and 4.83 s a step sliced against 4.20 and
+# 4.04 s plain.
+SLICE_FROM_BYTES = 32 << 20
+# FFN columns a slice: 256 columns of 2,048 float32 tokens are 2 MiB a slice tensor. On the llama3-8b r128
+# MLP shapes at 4 x 512 (one run each, quiet machine), forward and backward took 0.75 s in slices of 256,
+# 0.79 s in slices of 512 and 0.98 s in slices of 1,024, against 0.90 s unsliced.
+MLP_SLICE_COLUMNS = 256
+
+
+def mlp_in_slices(tokens: int, ffn: int, element_bytes: int) -> bool:
+    """Whether a spectral MLP over `tokens` tokens with `ffn` hidden units runs in slices (`SLICE_FROM_BYTES`)."""
+    return tokens * ffn * element_bytes >= SLICE_FROM_BYTES
+
+
 def matrix_params(n_in: int, n_out: int, rank: int | None) -> int:
     """Stored parameters of one matrix: U, s and V when spectral, the full matrix when dense."""
     return n_in * n_out if rank is None else rank * (n_in + n_out + 1)

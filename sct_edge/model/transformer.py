@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from sct_edge.model.config import ModelConfig
 from sct_edge.model.spectral import SpectralLinear, init_scale, random_orthonormal, spectral_apply
+from sct_edge.model.swiglu import slices_pay_off, spectral_swiglu
 
 
 def block_seed(seed: int, name: str) -> int:
@@ -134,6 +135,9 @@ class MLP(nn.Module):
         self.down = make_linear(f, d, rank(f"layers.{layer}.mlp.down"), down_std, generator, device)
 
     def forward(self, x: Tensor) -> Tensor:
+        spectral = all(isinstance(m, SpectralLinear) for m in (self.gate, self.up, self.down))
+        if spectral and slices_pay_off(x, self.up.n_out):
+            return spectral_swiglu(x, self.gate, self.up, self.down)  # no FFN-wide tensor (model/swiglu.py)
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
