@@ -69,8 +69,7 @@ FP32 = 4
 
 def _mlp_sliced(config: ModelConfig, layer: int, batch: int, seq: int, element_bytes: int) -> bool:
     """Whether block `layer`'s MLP runs in FFN slices (`sct_edge/model/swiglu.py`): all three spectral, and large."""
-    ranks = {path.split(".", 2)[2]: rank for path, _, _, rank in block_matrices(config, layer)}
-    spectral = all(ranks[f"mlp.{m}"] is not None for m in ("gate", "up", "down"))
+    spectral = all(rank is not None for path, _, _, rank in block_matrices(config, layer) if ".mlp." in path)
     return spectral and mlp_in_slices(batch * seq, config.ffn_dim, element_bytes)
 
 
@@ -96,7 +95,7 @@ def block_saved_elements(config: ModelConfig, layer: int, batch: int, seq: int, 
     per_token = 3 * d + 1 + 3 * d + 1
     for path, _, _, rank in block_matrices(config, layer):
         if rank is not None:
-            per_token += rank if sliced and path.split(".", 2)[2].startswith("mlp.") else 2 * rank
+            per_token += rank if sliced and ".mlp." in path else 2 * rank
     per_token += 0 if sliced else 4 * f
     tables = 0
     if config.attention == "additive":
@@ -114,7 +113,7 @@ def backward_transient_elements(config: ModelConfig, batch: int, seq: int, eleme
     max(ffn_dim, dim) × 4 bytes (dim 1024 / ffn 2816, 4096, 8192 and dim 2048 / ffn 2048, seq 2048, glibc
     with MALLOC_MMAP_THRESHOLD_=65536 so RSS follows live tensors). With the MLP in FFN slices the ffn-wide
     gradients become slice-wide, and the largest transient is two dim-wide gradients plus one slice's
-    tensors (its gate, up, SiLU and product gradients: 6 × batch × seq × CHUNK_COLUMNS).
+    tensors (its gate, up, SiLU and product gradients: 6 × batch × seq × MLP_SLICE_COLUMNS).
     """
     tokens = batch * seq
     if all(_mlp_sliced(config, i, batch, seq, element_bytes) for i in range(config.n_layers)):

@@ -26,12 +26,6 @@ from torch import Tensor
 from sct_edge.model import accounting
 
 
-def _silu_grad(g: Tensor) -> Tensor:
-    """d silu(g) / d g = σ(g) (1 + g (1 − σ(g)))."""
-    sig = torch.sigmoid(g)
-    return sig * (1 + g * (1 - sig))
-
-
 class SpectralSwiGLU(torch.autograd.Function):
     """y = (silu(x W_gᵀ) * (x W_uᵀ)) W_dᵀ for spectral W = U diag(s) Vᵀ, over FFN slices (see the module)."""
 
@@ -65,7 +59,7 @@ class SpectralSwiGLU(torch.autograd.Function):
             grad_p = grad_acc @ U_d[cols].T
             torch.mm((silu * u).T, grad_acc, out=grad_U_d[cols])
             grad_u = grad_p * silu
-            grad_g = grad_p.mul_(u).mul_(_silu_grad(g))
+            grad_g = torch.ops.aten.silu_backward(grad_p.mul_(u), g)  # the kernel F.silu's autograd uses
             torch.mm(grad_u.T, a_u, out=grad_V_u[cols])
             torch.mm(grad_g.T, a_g, out=grad_V_g[cols])
             grad_a_u.addmm_(grad_u, V_u[cols])
