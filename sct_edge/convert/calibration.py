@@ -205,9 +205,7 @@ class Activations:
             return torch.empty(shape)
         path = self.directory / f"activations-{self.made}.f32"
         self.made += 1
-        n = 1
-        for d in shape:
-            n *= d
+        n = math.prod(shape)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             # the blocks are reserved first: a full disk is this one-line error, not a SIGBUS when a page is written
