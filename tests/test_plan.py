@@ -97,11 +97,10 @@ def test_everything_resident_under_a_huge_budget():
     assert plan.predicted_peak_bytes == (
         RUNTIME_OVERHEAD_BYTES
         + plan.embed_head_bytes
-        + plan.block_grad_bytes
         + plan.boundary_activation_bytes
         + plan.boundary_grad_bytes
-        + plan.block_working_set_bytes
-        + plan.logits_bytes
+        # the loss and a block's backward are never alive at once
+        + max(plan.logits_bytes, plan.block_grad_bytes + plan.block_working_set_bytes)
         + config.n_layers * plan.block_resident_bytes
     )
 
@@ -205,6 +204,22 @@ def test_auto_activations_keep_exactly_when_everything_fits_with_kept_graphs():
     recompute = make_plan(config, profile(f"{keep.predicted_peak_bytes - 1}B"), 1, 64)
     assert short.activations == "recompute" and short.predicted_peak_bytes == recompute.predicted_peak_bytes
     assert not make_plan(config, profile("100GiB"), 1, 64).activations_auto
+
+
+def test_auto_activations_spill_when_the_boundaries_do_not_fit_in_ram():
+    config = get_preset("llama3-8b")
+    recompute_minimum = minimum_budget(config, profile(activations="recompute"), 4, 512)
+    spill_minimum = minimum_budget(config, profile(activations="spill"), 4, 512)
+    assert spill_minimum < recompute_minimum
+    assert minimum_budget(config, profile(activations="auto"), 4, 512) == spill_minimum
+    fits = make_plan(config, profile(f"{recompute_minimum}B", activations="auto"), 4, 512)
+    assert fits.activations == "recompute" and fits.io_read_bytes_per_step > 0
+    short = make_plan(config, profile(f"{recompute_minimum - 1}B", activations="auto"), 4, 512)
+    spill = make_plan(config, profile(f"{recompute_minimum - 1}B", activations="spill"), 4, 512)
+    assert (short.activations, short.activations_auto) == ("spill", True)
+    assert short.predicted_peak_bytes == spill.predicted_peak_bytes <= recompute_minimum - 1
+    with pytest.raises(SctError, match="try --budget"):
+        make_plan(config, profile(f"{spill_minimum - 1}B", activations="auto"), 4, 512)
 
 
 def test_dtypes_and_hidden_sum_workload():

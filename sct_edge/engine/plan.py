@@ -20,7 +20,8 @@ What RAM holds during a step (the terms of `MemoryPlan`):
 - the logits working set ("lm"): the loss is taken a chunk of tokens at a time (`sct_edge/model/loss.py`),
   so one chunk's float32 logits, log-softmax and their gradient (3 × chunk × vocab × 4 B, plus the
   compute-dtype logits when that is not float32) and the head's gradient of that chunk before it is
-  added to the accumulated one.
+  added to the accumulated one. The loss is done before the first block's backward starts, so the peak
+  counts the larger of this and a block's backward (its gradients and working set), not both.
 - the runtime: `RUNTIME_OVERHEAD_BYTES` for the Python + torch process itself.
 - across replicas (torchrun, `replicas` > 1): the gradient exchange keeps two shards in flight behind the
   backward (`sct_edge/parallel/replicas.py`): per shard a gradient bucket (float32, or bfloat16 with
@@ -250,7 +251,7 @@ class MemoryPlan:
             lines.append(f"  kept forward graphs of resident blocks (keep): {b(self.kept_activation_bytes)}")
         lines.append(f"  one block's backward working set: {b(self.block_working_set_bytes)}")
         if self.workload == "lm":
-            lines.append(f"  logits working set: {b(self.logits_bytes)}")
+            lines.append(f"  logits working set: {b(self.logits_bytes)} (freed before any block's backward)")
         if self.replicas > 1:
             lines.append(f"  gradient exchange across {self.replicas} replicas (two shards in flight): "
                          f"{b(self.comm_buffer_bytes)}")
@@ -291,15 +292,13 @@ class _StepCosts:
 
     @property
     def base(self) -> int:
-        """Always in RAM: runtime, embedding/head, one block's gradients, boundary activations, logits."""
-        return (
-            RUNTIME_OVERHEAD_BYTES
-            + self.embed_head_bytes
-            + self.grad_bytes
-            + self.boundary
-            + self.boundary_grad
-            + self.logits
-        )
+        """Always in RAM: runtime, embedding/head, boundary activations and gradients."""
+        return RUNTIME_OVERHEAD_BYTES + self.embed_head_bytes + self.boundary + self.boundary_grad
+
+    def phase_peak(self, working: int) -> int:
+        """The larger of two phases that never overlap: the loss (one chunk of logits, taken before any block's
+        backward starts and freed by then) and one block's backward (its gradients and `working` set)."""
+        return max(self.logits, self.grad_bytes + working)
 
     @property
     def paging_working_set(self) -> int:
@@ -363,10 +362,16 @@ def minimum_budget(
     config: ModelConfig, profile: Profile, batch: int, seq: int, micro_batches: int = 1, workload: str = "lm"
 ) -> int:
     """The smallest budget `make_plan` accepts: the fixed costs plus one in-flight block, nothing resident."""
-    activations = "recompute" if profile.activations == "auto" else profile.activations
+    policies = ("recompute", "spill") if profile.activations == "auto" else (profile.activations,)
+    return min(_minimum_bytes(config, profile, batch, seq, micro_batches, workload, p) for p in policies)
+
+
+def _minimum_bytes(
+    config: ModelConfig, profile: Profile, batch: int, seq: int, micro_batches: int, workload: str, activations: str
+) -> int:
     costs = _step_costs(config, profile, batch, seq, micro_batches, workload, activations)
     return min(
-        costs.base + costs.paging_working_set + costs.block_bytes,
+        costs.base + costs.phase_peak(costs.paging_working_set) + costs.block_bytes,
         _all_resident_bytes(costs, config.n_layers, activations == "keep"),
     )
 
@@ -375,16 +380,21 @@ def resolve_activations(
     config: ModelConfig, profile: Profile, batch: int, seq: int, micro_batches: int, workload: str
 ) -> str:
     """The profile's activation policy, with `auto` decided: keep when the whole model and every block's
-    kept forward graph fit the budget (nothing is paged, and backward needs no recompute), else recompute."""
+    kept forward graph fit the budget (nothing is paged, and backward needs no recompute); else recompute
+    when one block fits beside the boundary activations held in RAM; else spill, which writes them to disk
+    (disk traffic rather than a refusal)."""
     if profile.activations != "auto":
         return profile.activations
     costs = _step_costs(config, profile, batch, seq, micro_batches, workload, "keep")
-    return "keep" if _all_resident_bytes(costs, config.n_layers, keep=True) <= profile.memory_budget else "recompute"
+    if _all_resident_bytes(costs, config.n_layers, keep=True) <= profile.memory_budget:
+        return "keep"
+    args = (config, profile, batch, seq, micro_batches, workload)
+    return "recompute" if _minimum_bytes(*args, "recompute") <= profile.memory_budget else "spill"
 
 
 def _all_resident_bytes(costs: _StepCosts, n_layers: int, keep: bool) -> int:
     working = costs.transient + costs.cast + (0 if keep else costs.saved)
-    return costs.base + working + n_layers * (costs.block_bytes + costs.kept_per_block)
+    return costs.base + costs.phase_peak(working) + n_layers * (costs.block_bytes + costs.kept_per_block)
 
 
 def make_plan(
@@ -421,9 +431,9 @@ def make_plan(
         working = c.transient + c.cast + (0 if keep else c.saved)
     else:
         working = c.paging_working_set
-        room = budget - c.base - working
+        room = budget - c.base - c.phase_peak(working)
         if room < c.block_bytes:
-            minimum = c.base + working + c.block_bytes
+            minimum = c.base + c.phase_peak(working) + c.block_bytes
             mb = f" × {micro_batches} micro-batches" if micro_batches > 1 else ""
             raise SctError(
                 f"budget {format_bytes(budget)} is below the {format_bytes(minimum)} {config.name} needs for one "
@@ -445,7 +455,7 @@ def make_plan(
         bucket = c.block_params * (DTYPE_BYTES[grad_dtype] + FP32) + c.grad_bytes  # grads, weights, averaged
         held = 0 if resident == n else c.block_params * FP32 + c.grad_bytes  # a paged shard kept until sent
         comm = shards_in_flight * (bucket + held)
-    peak = c.base + working + resident * per_resident + inflight * c.block_bytes + comm
+    peak = c.base + c.phase_peak(working) + resident * per_resident + inflight * c.block_bytes + comm
 
     paged = c.block_stored[resident:]
     store_bytes = (sum(c.block_stored) + c.embed_head_params) * c.resident_per_param
