@@ -1,6 +1,7 @@
 """The tools/ scripts run from a checkout and produce what they promise."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,3 +36,31 @@ def test_compare_dense_with_a_time_limit_plots_against_time(tmp_path):
         assert 0 < r["steps"] < 50000 and "--time-limit 3" in r["command"]
         (step, minutes, _), = r["evals"]  # the run's closing evaluation
         assert step == r["steps"] and 3 / 60 < minutes < 1
+
+
+def test_plot_cost_curve_draws_real_bench_results(tmp_path):
+    pytest.importorskip("matplotlib")
+    results = tmp_path / "cost.jsonl"
+    for preset in ("tiny", "smollm2-135m"):
+        bench = subprocess.run([sys.executable, "-m", "sct_edge", "bench", "step", "--preset", preset, "--workload",
+                                "lm", "--batch", "1", "--seq", "16", "--steps", "1", "--profile", "ci", "--engine",
+                                "streamed", "--threads", "1", "--json", "--scratch", str(tmp_path)],
+                               check=True, capture_output=True, text=True)
+        with results.open("a") as f:
+            f.write(bench.stdout)
+    out = tmp_path / "cost.png"
+    plotted = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_cost_curve"), str(results), "--out",
+                              str(out)], check=True, capture_output=True, text=True)
+    assert out.read_bytes().startswith(b"\x89PNG")
+    lines = plotted.stdout.splitlines()
+    assert lines[0].startswith("tiny: step ") and lines[1].startswith("smollm2-135m: step ")
+    assert all(re.search(r"disk floor \d+\.\d s \(\d+% of the step\), peak RSS [\d,]+ MiB \(plan [\d,]+\)", line)
+               for line in lines[:2])
+
+
+def test_plot_cost_curve_names_a_bad_results_file(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"engine": "streamed"\n')
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_cost_curve"), str(bad)],
+                         capture_output=True, text=True)
+    assert run.returncode != 0 and run.stderr.strip() == f"{bad}:1: not a JSON line (Expecting ',' delimiter)"
