@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from sct_edge.engine.plan import (
+    HEAP_SLACK_TENSORS,
     RUNTIME_OVERHEAD_BYTES,
     block_saved_elements,
     make_plan,
     minimum_budget,
 )
+from sct_edge.engine.process import STEP_MALLOC
 from sct_edge.engine.profile import load_profile, parse_size
 from sct_edge.errors import SctError
 from sct_edge.model import accounting
@@ -290,3 +292,22 @@ def test_the_logits_working_set_is_one_loss_chunk_not_the_whole_batch():
     head = count_params(config).head.stored
     assert short.logits_bytes == 64 * config.vocab_size * 12 + 4 * head
     assert long.logits_bytes == chunk * config.vocab_size * 12 + 4 * head < 4 * 2048 * config.vocab_size * 12
+
+
+def test_hidden_state_tensors_come_from_the_heap_only_when_nothing_is_paged_and_the_slack_fits():
+    config = get_preset("llama3-8b").with_ranks(RankPolicy.uniform(128))
+    hidden = 4 * 512 * config.dim * 4  # 32 MiB: at glibc's largest default mmap threshold
+    roomy = make_plan(config, profile("10GiB"), batch=4, seq=512)
+    assert not roomy.paging
+    assert roomy.heap_tensor_limit == 2 * hidden and roomy.malloc.mmap_bytes == 2 * hidden
+    assert roomy.heap_slack_bytes == HEAP_SLACK_TENSORS * hidden
+    assert any("malloc heap slack" in line for line in roomy.describe())
+    # The slack is counted in the peak, and it never costs a resident block: a budget with room for every
+    # block but not for the slack keeps the default threshold instead.
+    tight = make_plan(config, profile(str(roomy.predicted_peak_bytes - 1)), batch=4, seq=512)
+    assert not tight.paging and tight.heap_slack_bytes == 0 and tight.malloc == STEP_MALLOC
+    assert tight.predicted_peak_bytes == roomy.predicted_peak_bytes - roomy.heap_slack_bytes
+    paged = make_plan(config, profile("3GiB"), batch=4, seq=512)
+    assert paged.paging and paged.heap_slack_bytes == 0 and paged.malloc == STEP_MALLOC
+    small = make_plan(config, profile("10GiB"), batch=1, seq=512)  # 8 MiB tensors: on the heap already
+    assert small.heap_slack_bytes == 0 and small.malloc == STEP_MALLOC

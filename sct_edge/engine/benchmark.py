@@ -157,6 +157,7 @@ def write_trace(profiler, directory: Path, engine: str) -> None:
 
 def run_streamed(spec: BenchSpec) -> dict:
     from sct_edge.engine.plan import make_plan
+    from sct_edge.engine.process import ProcessSettings, configure_process
     from sct_edge.engine.profile import load_profile, resolve_device
     from sct_edge.engine.step import Engine
     from sct_edge.store.store import Store
@@ -173,6 +174,7 @@ def run_streamed(spec: BenchSpec) -> dict:
             store = Store.create(Path(tmp) / "store", config, seed=0, state_dtype=getattr(torch, profile.state_dtype))
         create_s = time.perf_counter() - started
         plan = make_plan(config, profile, spec.batch, spec.seq, spec.micro_batches, spec.workload)
+        configure_process(ProcessSettings(malloc=plan.malloc))
         engine = Engine(store, plan, OptimConfig(), resolve_device(profile))
         times, results = timed_steps(spec, config, "streamed", engine.train_step)
         engine.close()

@@ -3,6 +3,8 @@
 `configure_process(ProcessSettings.for_profile(profile))` is the call (nanochat's `compute_init` in spirit):
 torch's compute threads and glibc's malloc thresholds are the process's, so no constructor or factory of
 sct-edge changes them. The same goes for signal handlers (`signals_handled_by` restores the previous ones).
+A command that trains calls it once more when its memory plan is made, with the malloc thresholds the plan
+chose (`MemoryPlan.malloc`: larger tensors from the heap when the budget has room).
 
 glibc's malloc: its thresholds decide whether the thousands of activation and gradient allocations of a
 step are reused or page-faulted afresh, and how much freed memory stays in the resident set. OpenMP: a
@@ -22,27 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sct_edge.engine.malloc import GLIBC_MALLOC, STEP_MALLOC, MallocThresholds
 from sct_edge.engine.profile import Profile
-
-
-@dataclass(frozen=True)
-class MallocThresholds:
-    """glibc malloc's mmap and trim thresholds (mallopt M_MMAP_THRESHOLD and M_TRIM_THRESHOLD)."""
-
-    mmap_bytes: int
-    trim_bytes: int
-
-
-# The step's thresholds. Allocations up to 32 MiB (activations, gradients, AdamW scratch: a step makes
-# thousands) are served from the heap and reused; with glibc's small initial mmap threshold, or a tiny one,
-# each of them is a fresh mmap that the kernel must zero and fault in, which measured half the tiny preset's
-# step time in system CPU. Free memory at the top of the heap beyond 64 MiB goes back to the OS, and when
-# blocks are paged the pager trims every arena before each block it loads (`release_free_heap`, decided by
-# the memory plan), so paged blocks that come and go do not stay in the resident set.
-STEP_MALLOC = MallocThresholds(mmap_bytes=32 << 20, trim_bytes=64 << 20)
-# glibc's initial values. glibc adapts its thresholds until they are first set; once set they stay fixed,
-# so these are as near as a process can come back to the defaults.
-GLIBC_MALLOC = MallocThresholds(mmap_bytes=128 << 10, trim_bytes=128 << 10)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from sct_edge.convert.tokenizer import ByteTokenizer, tokenizer_from_json
 from sct_edge.engine.adamw import OptimConfig
 from sct_edge.engine.flops import PEAK_SIZES, gemm_peak, training_step_flops
 from sct_edge.engine.plan import make_plan
-from sct_edge.engine.process import set_compute_threads
+from sct_edge.engine.process import ProcessSettings, configure_process, set_compute_threads
 from sct_edge.engine.profile import load_profile, resolve_device
 from sct_edge.engine.sampling import generate
 from sct_edge.engine.step import Engine
@@ -266,6 +266,7 @@ class Trainer:
         exchanging = self.world.size if run.sync_every == 1 else 1
         plan = make_plan(config, profile, settings["batch"], seq, settings["micro_batches"], "lm",
                          replicas=exchanging, grad_dtype=run.grad_dtype)
+        configure_process(ProcessSettings(malloc=plan.malloc))
         corpus = prepare_training_data(
             [Path(p) for p in settings["data"]] or None, tokenizer, path.with_name(path.name + ".tokens"), seq,
             val_sources=[Path(p) for p in settings["val_data"]] or None,
