@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 
-from sct_edge.errors import SctError
+from sct_edge.errors import SctError, Terminated
 
 # Order is the order `sct-edge --help` lists them in.
 COMMAND_MODULES = [
@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sct-edge: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("sct-edge: terminated", file=sys.stderr)
+        return 143
     except BrokenPipeError:
         # The reader went away (`sct-edge presets | head`): stop quietly, as other command-line tools do. Python
         # would flush stdout again at exit and fail once more, so point it at /dev/null first.

@@ -4,6 +4,10 @@ recovery (`sct_edge.convert.output_aware`, `calibration`, `recovery`, and `sct-e
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -474,3 +478,23 @@ def test_a_budget_too_small_is_one_line_and_leaves_nothing(tmp_path, model_dir, 
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert main([*argv, "--profile", "ci", "--threads", "1"]) == 0  # the ci profile's budget is enough here
     assert "activations in RAM" in capsys.readouterr().out
+
+
+def test_sigterm_during_an_import_leaves_nothing_behind(tmp_path, model_dir):
+    """SIGTERM unwinds like Ctrl-C: the staging directory and the half-made store go, one line, exit 143."""
+    directory, _, _ = model_dir
+    before = sorted(p.name for p in tmp_path.iterdir())
+    # Recovery long enough that the signal lands in the middle of the conversion.
+    argv = [sys.executable, "-m", "sct_edge", "import", str(directory), str(tmp_path / "store"), "--rank", "4",
+            "--calibrate", str(tmp_path / "calib.txt"), "--calib-tokens", "512", "--calib-seq-len", "32",
+            "--recover-steps", "1000000", "--threads", "1", "--quiet"]
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".store.import-*")) and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert child.poll() is None, child.communicate()
+    child.send_signal(signal.SIGTERM)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 143, err
+    assert err.strip() == "sct-edge: terminated"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import signal
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from tqdm import tqdm
 
 from sct_edge.convert.calibration import CalibrationConfig
 from sct_edge.convert.recovery import RecoveryConfig
-from sct_edge.errors import SctError
+from sct_edge.errors import SctError, raise_terminated
 from sct_edge.model.accounting import format_bytes
 from sct_edge.model.config import COMPONENTS
 from sct_edge.store.store import STATE_DTYPES
@@ -198,7 +199,7 @@ def calibration_config(args: argparse.Namespace) -> CalibrationConfig | None:
 
 def run(args: argparse.Namespace) -> int:
     from sct_edge.convert.importer import ImportPolicy, import_model, open_source
-    from sct_edge.engine.process import ProcessSettings, configure_process
+    from sct_edge.engine.process import ProcessSettings, configure_process, signals_handled_by
     from sct_edge.engine.profile import parse_size
 
     if args.threads is not None and args.threads < 1:
@@ -243,18 +244,21 @@ def run(args: argparse.Namespace) -> int:
         recovered = (f", after {row['steps']} recovery steps {row['error_after']:.4f}" if row.get("steps") else "")
         tqdm.write(f"block {row['block']}: output error {row['error_before']:.4f}{recovered}", file=sys.stderr)
 
+    # SIGTERM (a service manager, `kill`, a batch scheduler's limit) unwinds like Ctrl-C, so the staging files
+    # and a half-written store are removed on the way out instead of being left behind.
     try:
-        result = import_model(
-            source,
-            Path(args.store),
-            policy,
-            state_dtype=args.state_dtype,
-            calibration=calibration,
-            on_matrix=None if args.quiet else on_matrix,
-            on_shard=None if args.quiet else on_shard,
-            on_progress=None if args.quiet else on_progress,
-            on_block=None if args.quiet else on_block,
-        )
+        with signals_handled_by(raise_terminated, (signal.SIGTERM,)):
+            result = import_model(
+                source,
+                Path(args.store),
+                policy,
+                state_dtype=args.state_dtype,
+                calibration=calibration,
+                on_matrix=None if args.quiet else on_matrix,
+                on_shard=None if args.quiet else on_shard,
+                on_progress=None if args.quiet else on_progress,
+                on_block=None if args.quiet else on_block,
+            )
     finally:
         for b in bars.values():
             b.close()
