@@ -17,6 +17,7 @@ from test_gguf_reader import random_weights, write_gguf
 from test_gguf_reader import tiny_config as gguf_tiny_config
 
 from sct_edge.cli import main
+from sct_edge.convert import exporter
 from sct_edge.convert.exporter import export_store, in_memory_model
 from sct_edge.convert.hf_checkpoint import hf_name, read_hf
 from sct_edge.convert.importer import ImportPolicy, factorize, first_layers, import_model, open_source, randomized_svd
@@ -348,6 +349,31 @@ def test_export_in_half_precision_and_refusals(tmp_path, hf_model):
         export_store(tmp_path / "store", tmp_path / "store")
     with pytest.raises(SctError, match="dtype 'int8'"):
         export_store(tmp_path / "store", tmp_path / "x", dtype="int8")
+
+
+def test_a_failure_part_way_through_an_export_leaves_the_directory_as_it_was(tmp_path, hf_model, monkeypatch):
+    directory, _, _ = hf_model
+    import_model(directory, tmp_path / "store", ImportPolicy(rank=4))
+    real = exporter.dense_tensors
+
+    def fails_after_the_first(store):
+        tensors = real(store)
+        yield next(tensors)
+        raise SctError("disk full (simulated)")
+
+    monkeypatch.setattr(exporter, "dense_tensors", fails_after_the_first)
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "README.md").write_text("mine")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for out in ("new", "kept"):
+        with pytest.raises(SctError, match="simulated"):
+            export_store(tmp_path / "store", tmp_path / out, max_shard_bytes=40_000)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no "new", no staging directory
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["README.md"]
+    monkeypatch.setattr(exporter, "dense_tensors", real)
+    result = export_store(tmp_path / "store", tmp_path / "kept", max_shard_bytes=40_000)
+    assert "README.md" in result.files and "config.json" in result.files
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 # ---------------------------------------------------------------------------------------- bad input

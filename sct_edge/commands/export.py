@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import argparse
 import resource
+import signal
 from pathlib import Path
 
-from sct_edge.errors import SctError
+from sct_edge.errors import SctError, raise_terminated
 from sct_edge.model.accounting import format_bytes
 
 
@@ -64,6 +65,14 @@ def run_gguf(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sct_edge.engine.process import signals_handled_by
+
+    # SIGTERM unwinds like Ctrl-C, so a partial GGUF file or staging directory is removed on the way out.
+    with signals_handled_by(raise_terminated, (signal.SIGTERM,)):
+        return _export(args)
+
+
+def _export(args: argparse.Namespace) -> int:
     from sct_edge.convert.exporter import export_store
     from sct_edge.engine.profile import parse_size
 

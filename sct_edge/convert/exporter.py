@@ -8,6 +8,9 @@ from, never the model. This is the one place besides tests where sct-edge builds
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +24,7 @@ from sct_edge.convert.source_model import expected_shapes
 from sct_edge.convert.tokenizer import tokenizer_from_json
 from sct_edge.errors import SctError
 from sct_edge.model.transformer import Transformer
+from sct_edge.store.atomic import fsync_dir
 from sct_edge.store.shard_names import block_shard, param_prefix
 from sct_edge.store.store import MANIFEST, Store
 
@@ -113,15 +117,34 @@ def export_store(
     with Store.open(store_path) as store:
         tokenizer = tokenizer_from_json(store.tokenizer_json())
         chat_template = store.extra.get("chat_template")
-        write_hf(
-            out,
-            store.config,
-            dense_tensors(store),
-            tokenizer,
-            chat_template=chat_template,
-            max_shard_bytes=max_shard_bytes,
-            dtype=EXPORT_DTYPES[dtype],
-        )
+        # Written whole in a staging directory beside `out`, then moved in: a failure or a signal part-way
+        # leaves `out` as it was (absent, or with its earlier files), never half an export.
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+        except OSError as error:
+            raise SctError(f"{out}: cannot create the export directory ({error.strerror or error})") from None
+        try:
+            write_hf(
+                staging,
+                store.config,
+                dense_tensors(store),
+                tokenizer,
+                chat_template=chat_template,
+                max_shard_bytes=max_shard_bytes,
+                dtype=EXPORT_DTYPES[dtype],
+            )
+            if out.exists():
+                for written in sorted(staging.iterdir()):
+                    os.replace(written, out / written.name)
+            else:
+                os.replace(staging, out)
+            fsync_dir(out)
+            fsync_dir(out.parent)
+        except OSError as error:
+            raise SctError(f"{out}: cannot write the export ({error.strerror or error})") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     files = sorted(p.name for p in out.iterdir() if p.is_file())
     size = sum((out / f).stat().st_size for f in files)
     return ExportResult(out=out, files=files, bytes=size, seconds=time.perf_counter() - started)
