@@ -1,5 +1,6 @@
-"""Calibrated conversion: output-aware truncation, ranks spread by size, sequential statistics and block-wise
-recovery (`sct_edge.convert.output_aware`, `calibration`, `recovery`, and `sct-edge import --calibrate`)."""
+"""Calibrated conversion: output-aware truncation, ranks spread by size, sequential statistics, block-wise
+recovery and whole-model distillation (`sct_edge.convert.output_aware`, `calibration`, `recovery`,
+`distillation`, and `sct-edge import --calibrate`)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from test_import_export import TEXT, hf_config, hf_weights, reference_logits, st
 
 from sct_edge.cli import main
 from sct_edge.convert.calibration import STAGES, CalibrationConfig, calibration_text, convert_blocks
+from sct_edge.convert.distillation import DistillConfig
+from sct_edge.convert.exporter import in_memory_model
 from sct_edge.convert.importer import ImportPolicy, import_model, open_source
 from sct_edge.convert.output_aware import (
     CovarianceRoot,
@@ -26,10 +29,12 @@ from sct_edge.convert.output_aware import (
     uniform_rank,
 )
 from sct_edge.convert.recovery import RecoveryConfig
+from sct_edge.engine.profile import load_profile
 from sct_edge.errors import SctError
 from sct_edge.model.config import RankPolicy
 from sct_edge.model.retraction import orthonormality_error
-from sct_edge.model.transformer import Transformer, dense_config
+from sct_edge.model.transformer import Transformer, dense_config, rope_tables
+from sct_edge.store.shard_names import optim_shard
 from sct_edge.store.store import Store, block_shard
 
 gguf = pytest.importorskip("gguf")
@@ -193,11 +198,16 @@ def test_streamed_statistics_equal_a_whole_model_reference(tmp_path, model_dir, 
         for r in result.matrices:
             factors[r.path] = (r.U, r.s, r.V)
 
-    convert_blocks(source, tokens, lambda path, spectrum, shape: 5, sequential=sequential, on_block=keep,
-                   on_statistics=lambda layer, stage, stats: streamed.__setitem__((layer, stage), stats))
+    teacher = convert_blocks(source, tokens, lambda path, spectrum, shape: 5, sequential=sequential, on_block=keep,
+                             on_statistics=lambda layer, stage, stats: streamed.__setitem__((layer, stage), stats))
 
     dense = Transformer(dense_config(source.config), spectral=False, device="meta")
     dense.load_state_dict(dict(source.tensors()), assign=True)
+    with torch.no_grad():  # what it returns is the dense model's last hidden states: distillation's teacher
+        h = dense.embed(tokens)
+        for block in dense.layers:
+            h = block(h, *rope_tables(dense.config, torch.arange(tokens.shape[1])))
+    torch.testing.assert_close(teacher, h, rtol=1e-5, atol=1e-5)
     converted = Transformer(source.config.with_ranks(RankPolicy(attn=5, mlp=5, embed=None, head=None)), device="meta")
     state = {name: t for name, t in source.tensors() if not any(name == f"{p}.weight" for p in factors)}
     for path, (U, s, V) in factors.items():
@@ -243,6 +253,47 @@ def test_recovery_lowers_every_block_error_and_keeps_the_factors_orthonormal(tmp
     assert len(imported["calibration"]["files"][0]["sha256"]) == 64
 
 
+def kl_to_dense(store_path, source, tokens: torch.Tensor) -> float:
+    """Mean KL(p_dense ‖ p_store) a token over the sequences `tokens`, the whole models in RAM."""
+    dense = Transformer(dense_config(source.config), spectral=False, device="meta")
+    dense.load_state_dict(dict(source.tensors()), assign=True)
+    with Store.open(store_path) as store, torch.no_grad():
+        student = in_memory_model(store)(tokens).flatten(0, 1).log_softmax(-1)
+        teacher = dense(tokens).flatten(0, 1).log_softmax(-1)
+    return float((teacher.exp() * (teacher - student)).sum(-1).mean())
+
+
+def test_distillation_trains_the_factors_towards_the_dense_model_and_leaves_the_rest(tmp_path, model_dir):
+    directory, _, _ = model_dir
+    source = open_source(directory)
+    distill = DistillConfig(steps=60, lr=1e-2, batch_tokens=128, warmup=3)
+    results = {}
+    for name, d in (("converted", None), ("distilled", distill)):
+        results[name] = import_model(directory, tmp_path / name, ImportPolicy(rank=6), calibration=calibration(
+            tmp_path, recovery=None, distill=d, profile=load_profile("ci")))
+    tokens = calibration_text([tmp_path / "calib.txt"], source.tokenizer, 1024, 32).tokens
+    before, after = (kl_to_dense(tmp_path / name, source, tokens) for name in ("converted", "distilled"))
+    assert after < 0.7 * before, (before, after)
+    # The engine's loss is the KL divergence of the batch it drew: its first equals the undistilled model's.
+    first = torch.randperm(tokens.shape[0], generator=torch.Generator().manual_seed(0))[:4]
+    record = results["distilled"].distillation
+    assert record["first_loss"] == pytest.approx(kl_to_dense(tmp_path / "converted", source, tokens[first]), rel=1e-4)
+    assert record["last_loss"] < record["first_loss"] and record["steps"] == 60
+    with Store.open(tmp_path / "converted") as old, Store.open(tmp_path / "distilled") as new:
+        assert new.step == 0 and new.extra["import"]["distillation"]["steps"] == 60
+        for name in new.weight_shard_names():
+            was, now = old.read(name), new.read(name)
+            for key, t in now.items():
+                if key.endswith((".U", ".s", ".V")):
+                    assert not torch.equal(t, was[key]), (name, key)  # every factor trained
+                    if not key.endswith(".s"):
+                        assert orthonormality_error(t) < 1e-5, (name, key)
+                else:
+                    assert torch.equal(t, was[key]), (name, key)  # norms, embedding and head as imported
+            for key, t in new.read(optim_shard(name)).items():
+                assert not t.any(), (name, key)  # a fine-tune starts from fresh moments
+
+
 def test_a_calibrated_import_keeps_more_of_the_model_than_plain_svd(tmp_path, model_dir, toy_bpe):
     directory, weights, data = model_dir
     ids = toy_bpe.encode(CALIB_TEXT[-400:]).ids[:60]
@@ -282,13 +333,16 @@ def test_cli_calibrated_import_and_inspect(tmp_path, model_dir, capsys):
     directory, _, _ = model_dir
     store = tmp_path / "store"
     argv = ["import", str(directory), str(store), "--params-ratio", "0.8", "--calibrate", str(tmp_path / "calib.txt"),
-            "--calib-tokens", "512", "--calib-seq-len", "32", "--recover-steps", "5", "--threads", "1", "--quiet"]
+            "--calib-tokens", "512", "--calib-seq-len", "32", "--recover-steps", "5", "--distill-steps", "3",
+            "--threads", "1", "--quiet"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "calibrated on 512 tokens" in out and "after 5 recovery steps" in out
+    assert "distilled 3 steps: KL divergence to the dense model" in out
     assert main(["inspect", str(store)]) == 0
     out = capsys.readouterr().out
     assert "output_energy" in out and "output-aware" in out and "block" in out
+    assert "distilled  3 steps of 1024 tokens" in out
     assert main(["inspect", str(store), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["import"]["method"] == "output-aware" and len(info["import"]["blocks"]) == 2
@@ -308,6 +362,11 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, model_dir, capsys):
         (["--params-ratio", "0", "--calibrate", str(tmp_path / "calib.txt")], "--params-ratio must be in (0, 1]"),
         (["--params-ratio", "1.2"], "--params-ratio must be in (0, 1]"),
         (["--rank", "4", "--recover-steps", "3"], "--recover-steps needs --calibrate"),
+        (["--rank", "4", "--distill-steps", "3"], "--distill-steps needs --calibrate"),
+        (["--rank", "4", "--calibrate", str(tmp_path / "calib.txt"), "--distill-steps", "-1"],
+         "--distill-steps must be 0 or more"),
+        (["--rank", "4", "--calibrate", str(tmp_path / "calib.txt"), "--distill-steps", "2", "--distill-lr", "0"],
+         "--distill-lr must be positive"),
     ]
     for flags, message in cases:
         assert main(base[:2] + [str(tmp_path / "new")] + base[2:] + flags) == 2

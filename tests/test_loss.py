@@ -1,4 +1,5 @@
-"""Chunked cross-entropy over the vocabulary equals the full one: loss, input gradient, parameter gradients."""
+"""Chunked losses over the vocabulary equal the full ones: loss, input gradient, parameter gradients (the
+cross-entropy of training, and the KL divergence to a teacher of import's distillation)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from sct_edge.model.accounting import chunk_tokens_for
-from sct_edge.model.loss import IGNORE_INDEX, lm_loss_backward
+from sct_edge.model.loss import IGNORE_INDEX, distill_loss_backward, lm_loss_backward
 from sct_edge.model.spectral import spectral_apply
 
 
@@ -46,6 +47,33 @@ def test_chunked_loss_and_gradients_equal_the_full_cross_entropy(chunk):
     torch.testing.assert_close(grad, full_h.grad, rtol=1e-10, atol=1e-12)
     for p, w in zip(params, want, strict=True):
         torch.testing.assert_close(p.grad, w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 21, None])
+def test_chunked_distillation_loss_and_gradients_equal_the_full_kl_divergence(chunk):
+    params, h, _, logits_fn = head_and_data(1)
+    teacher_h = h + 0.3 * torch.randn(h.shape, dtype=h.dtype, generator=torch.Generator().manual_seed(2))
+    scale = 0.25
+    full_h = h.clone().requires_grad_()
+    with torch.no_grad():
+        teacher = logits_fn(teacher_h).flatten(0, 1).log_softmax(-1)
+    student = logits_fn(full_h).flatten(0, 1).log_softmax(-1)
+    full = (teacher.exp() * (teacher - student)).sum(-1).mean() * scale  # KL(p_teacher ‖ p_student), by hand
+    full.backward()
+    want = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+
+    loss, grad = distill_loss_backward(h, teacher_h, logits_fn, scale, chunk)
+
+    assert loss == pytest.approx(full.item(), rel=1e-12) and loss > 0
+    torch.testing.assert_close(grad, full_h.grad, rtol=1e-10, atol=1e-12)
+    for p, w in zip(params, want, strict=True):
+        torch.testing.assert_close(p.grad, w, rtol=1e-10, atol=1e-12)
+    for p in params:
+        p.grad = None
+    same, grad = distill_loss_backward(teacher_h, teacher_h, logits_fn, scale, chunk)  # the teacher itself
+    assert abs(same) < 1e-12 and grad.abs().max() < 1e-12
 
 
 def test_chunks_follow_the_logit_budget():

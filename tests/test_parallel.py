@@ -158,7 +158,7 @@ def test_sync_every_matches_a_hand_written_two_replica_diloco(tmp_path, text):
     from sct_edge.model.retraction import householder_retraction
     from sct_edge.store.store import Store
     from sct_edge.train.data import BatchSampler, prepare_corpus
-    from sct_edge.train.trainer import lr_scale
+    from sct_edge.train.schedule_defaults import lr_scale
 
     batch, seq, steps, every, lr, mu = 2, 32, 4, 2, 0.7, 0.9
     run_torchrun("run", "--store", str(tmp_path / "d{rank}"), *TINY, "--batch", str(batch), "--steps", str(steps),

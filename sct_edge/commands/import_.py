@@ -13,6 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from sct_edge.convert.calibration import CalibrationConfig
+from sct_edge.convert.distillation import DistillConfig
 from sct_edge.convert.recovery import RecoveryConfig
 from sct_edge.errors import SctError, raise_terminated
 from sct_edge.model.accounting import format_bytes
@@ -124,6 +125,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"(default {RecoveryConfig.lr:g})"
     )
     calib.add_argument(
+        "--distill-steps", type=int, default=0, help="steps of whole-model distillation after the blocks are "
+        "converted: every block's factors trained together towards the dense model's next-token distributions on "
+        "the calibration text, through the training engine under the --profile/--budget (default 0: none)"
+    )
+    calib.add_argument(
+        "--distill-lr", type=float, default=DistillConfig.lr, help=f"AdamW learning rate of distillation on U, s "
+        f"and V (default {DistillConfig.lr:g})"
+    )
+    calib.add_argument(
+        "--distill-tokens", type=int, default=DistillConfig.batch_tokens, help="calibration tokens a distillation "
+        f"step trains on, whole sequences drawn at random (default {DistillConfig.batch_tokens})"
+    )
+    calib.add_argument(
         "--budget",
         metavar="SIZE",
         help="RAM the calibrated import may use, e.g. 3GiB: checked up front (a one-line error when even one "
@@ -167,9 +181,11 @@ def calibration_config(args: argparse.Namespace) -> CalibrationConfig | None:
     from sct_edge.engine.profile import load_profile, parse_size
 
     if args.calibrate is None:
-        for flag, value in (("--recover-steps", args.recover_steps), ("--statistics", args.statistics != "sequential")):
+        for flag, value in (("--recover-steps", args.recover_steps), ("--statistics", args.statistics != "sequential"),
+                            ("--distill-steps", args.distill_steps)):
             if value:
-                raise SctError(f"{flag} needs --calibrate PATH: recovery and statistics come from calibration text")
+                raise SctError(f"{flag} needs --calibrate PATH: recovery, distillation and statistics come from "
+                               f"calibration text")
         for flag, value in (("--budget", args.budget), ("--profile", args.profile)):
             if value is not None:
                 raise SctError(f"{flag} needs --calibrate PATH: a plain import holds one matrix at a time and has no "
@@ -182,6 +198,17 @@ def calibration_config(args: argparse.Namespace) -> CalibrationConfig | None:
         raise SctError(f"--recover-lr must be positive, not {args.recover_lr}")
     if args.recover_tokens < 1:
         raise SctError(f"--recover-tokens must be at least 1, not {args.recover_tokens}")
+    if args.distill_steps < 0:
+        raise SctError(f"--distill-steps must be 0 or more, not {args.distill_steps}")
+    if args.distill_lr <= 0:
+        raise SctError(f"--distill-lr must be positive, not {args.distill_lr}")
+    if args.distill_tokens < 1:
+        raise SctError(f"--distill-tokens must be at least 1, not {args.distill_tokens}")
+    distill = profile = None
+    if args.distill_steps:
+        distill = DistillConfig(steps=args.distill_steps, lr=args.distill_lr, batch_tokens=args.distill_tokens)
+        # The engine pages the blocks under a profile, as `run` does: the given one, else run's default.
+        profile = load_profile(args.profile or "steamdeck", args.budget)
     budget = None
     if args.budget is not None:
         budget = parse_size(args.budget, "--budget")
@@ -194,6 +221,8 @@ def calibration_config(args: argparse.Namespace) -> CalibrationConfig | None:
         seq_len=args.calib_seq_len,
         sequential=args.statistics == "sequential",
         recovery=RecoveryConfig(steps=steps, lr=args.recover_lr, batch_tokens=args.recover_tokens) if steps else None,
+        distill=distill,
+        profile=profile,
     )
 
 
@@ -231,9 +260,10 @@ def run(args: argparse.Namespace) -> int:
         b.set_postfix_str(f"{row['matrix']} rank {row['rank']} energy {row['kept_energy']:.4f}")
 
     def on_progress(phase: str, done: int, total: int) -> None:
-        b = bar(phase, total, unit="block", desc=phase)
+        unit = "step" if phase == "distilling" else "block"
+        b = bar(phase, total, unit=unit, desc=phase)
         b.update(done - b.n)
-        b.set_postfix_str(f"block {done} of {total}")
+        b.set_postfix_str(f"{unit} {done} of {total}")
 
     def on_shard(name: str, done: int, total: int) -> None:
         b = bar("write", total, unit="B", unit_scale=True, unit_divisor=1024, desc="writing")
@@ -290,6 +320,10 @@ def run(args: argparse.Namespace) -> int:
                         if calibration.recovery is not None else "")
             print(f"  blocks output error (fraction of each block's update) {min(before):.4f}-{max(before):.4f}"
                   f"{recovery}")
+        if result.distillation is not None:
+            d = result.distillation
+            print(f"  distilled {d['steps']} steps: KL divergence to the dense model {d['first_loss']:.4f} -> "
+                  f"{d['last_loss']:.4f} nats a token, {d['seconds']:.1f} s")
     print(
         f"  time   {result.seconds:.1f} s ({result.convert_seconds:.1f} s reading and factoring, "
         f"{result.write_seconds:.1f} s writing the store); peak RSS {format_bytes(peak)}"

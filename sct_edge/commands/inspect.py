@@ -139,8 +139,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_import_method(method: dict) -> None:
-    """How the import converted: the method, its calibration and each block's output error before and after
-    recovery (as a fraction of what the dense block adds to the residual stream)."""
+    """How the import converted: the method, its calibration, each block's output error before and after
+    recovery (as a fraction of what the dense block adds to the residual stream), and the distillation."""
     print()
     print(f"import     {method['method']}" + "".join(f"; note: {n}" for n in method.get("notes", [])))
     calib = method.get("calibration")
@@ -154,6 +154,11 @@ def print_import_method(method: dict) -> None:
         print(f"  {'block':<8}{'error before':>14}{'error after':>14}")
         for b in method.get("blocks", []):
             print(f"  {b['block']:<8}{b['error_before']:>14.6f}{b['error_after']:>14.6f}")
+        distilled = method.get("distillation")
+        if distilled:
+            print(f"distilled  {distilled['steps']} steps of {distilled['batch_tokens']} tokens, lr "
+                  f"{distilled['lr']:g}: KL divergence to the dense model {distilled['first_loss']:.4f} -> "
+                  f"{distilled['last_loss']:.4f} nats a token, {distilled['seconds']:.1f} s")
 
 
 def print_import_report(report: list[dict]) -> None:

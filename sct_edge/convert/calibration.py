@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from sct_edge.convert.distillation import DistillConfig
 from sct_edge.convert.output_aware import (
     CovarianceRoot,
     OutputSpectrum,
@@ -41,6 +42,7 @@ from sct_edge.convert.output_aware import (
 from sct_edge.convert.recovery import RecoveryConfig
 from sct_edge.convert.source_model import SourceModel
 from sct_edge.convert.tokenizer import Tokenizer
+from sct_edge.engine.profile import Profile
 from sct_edge.errors import SctError
 from sct_edge.model.config import ModelConfig
 from sct_edge.model.spectral import SpectralLinear
@@ -72,6 +74,8 @@ class CalibrationConfig:
     recovery: RecoveryConfig | None = field(default_factory=RecoveryConfig)  # None: no block-wise recovery
     budget: int | None = None  # bytes of RAM the import may use (`memory_plan`); None: no budget, streams in RAM
     spill: bool | None = None  # activation streams on disk (True), in RAM (False), or as the budget says (None)
+    distill: DistillConfig | None = None  # whole-model distillation after the conversion; None: none
+    profile: Profile | None = None  # the training engine's profile while distilling (its budget pages the blocks)
 
 
 @dataclass
@@ -464,8 +468,10 @@ def convert_blocks(
     on_progress: Progress | None = None,
     on_statistics: Statistics | None = None,
     streams: Activations | None = None,
-) -> None:
-    """Convert every block of `source` with output-aware factors measured on `tokens`, one block at a time.
+) -> Tensor:
+    """Convert every block of `source` with output-aware factors measured on `tokens`, one block at a time, and
+    return the dense model's final hidden states on `tokens` (before the final norm; the end of the dense
+    stream, in `streams`): the teacher of whole-model distillation.
 
     `choose_rank(path, spectrum, (out, in))` gives each matrix's rank (None: keep it dense). `recover(block,
     inputs, targets, layer)`, when given, trains the converted block's factors towards the dense outputs and
@@ -510,6 +516,7 @@ def convert_blocks(
         del block, results, converter
         if on_progress is not None:
             on_progress("converting" if recover is None else "converting and recovering", layer + 1, n)
+    return x_dense
 
 
 # ------------------------------------------------------------------------------------------ memory budget

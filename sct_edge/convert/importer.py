@@ -56,6 +56,7 @@ from sct_edge.convert.calibration import (
     memory_plan,
     output_gains,
 )
+from sct_edge.convert.distillation import distill_plan, distill_store
 from sct_edge.convert.output_aware import OutputSpectrum, RankCandidate, allocate_ranks
 from sct_edge.convert.recovery import recover_block
 from sct_edge.convert.source_model import SourceModel
@@ -375,6 +376,7 @@ class ImportResult:
     notes: list[str] = field(default_factory=list)  # what the import changed of what it was asked (capped ranks)
     blocks: list[dict] = field(default_factory=list)  # calibrated imports: each block's output error and recovery
     calibration_memory: dict = field(default_factory=dict)  # calibrated imports: budget, estimate, spilled
+    distillation: dict | None = None  # calibrated imports with distillation: its steps, losses and time
 
 
 def _source_format(source: SourceModel) -> str:
@@ -479,6 +481,18 @@ def allocate(
     return allocate_ranks([RankCandidate(m.path, m.shape, gains[m.path]) for m in sized], budget)
 
 
+def expected_config(config: ModelConfig, specs: dict[str, RankSpec], allocated: dict[str, int]) -> ModelConfig:
+    """The converted model's config as far as it is known before the conversion: fixed and sized ranks exactly,
+    ranks by energy at their least (1), since the spectra decide them."""
+    ranks = {}
+    for m in matrices(config):
+        spec = specs[m.component]
+        if spec.mode != "dense":
+            ranks[m.path] = (1 if spec.mode == "energy" else allocated[m.path] if spec.mode in SIZED
+                             else fixed_rank(spec, m.shape))
+    return config.with_ranks(rank_policy(config, specs, ranks))
+
+
 def import_model(
     source: SourceModel | str | Path,
     store: str | Path,
@@ -531,6 +545,12 @@ def import_model(
     try:
         allocated = allocate(source, specs, state_dtype, None if text is None else text.tokens, on_progress, streams)
         allocated_at = time.perf_counter()
+        distill = None if text is None else calibration.distill
+        if distill is not None:
+            # A budget that cannot hold the distillation step is refused now, not after the conversion.
+            distill_plan(expected_config(source.config, specs, allocated), calibration.profile, *text.tokens.shape,
+                         distill)
+        teacher = None
         report, block_rows = [], []
 
         def stage(path: str, U: Tensor, s: Tensor, V: Tensor) -> None:
@@ -593,8 +613,8 @@ def import_model(
                 def recover(block, inputs, targets, layer):
                     return recover_block(block, inputs, targets, layer, recovery)
 
-            convert_blocks(source, text.tokens, choose_rank, sequential=calibration.sequential, recover=recover,
-                           on_block=finish_block, on_progress=on_progress, streams=streams)
+            teacher = convert_blocks(source, text.tokens, choose_rank, sequential=calibration.sequential,
+                                     recover=recover, on_block=finish_block, on_progress=on_progress, streams=streams)
             order = {m.path: i for i, m in enumerate(matrices(source.config))}
             report.sort(key=lambda row: order[row["matrix"]])
         converted = time.perf_counter()
@@ -669,6 +689,12 @@ def import_model(
             tensors=shard,
             progress=on_shard,
         )
+        distilled = None
+        if distill is not None and teacher is not None:
+            with written.lock():
+                distilled = distill_store(written, text.tokens, teacher, distill, calibration.profile, on_progress)
+                method["distillation"] = {**dataclasses.asdict(distill), **distilled}
+                written.commit(0, extra=extra)
         written.close()
     except BaseException:
         if created and store.exists():
@@ -689,4 +715,5 @@ def import_model(
         notes=notes,
         blocks=block_rows,
         calibration_memory=method.get("calibration", {}).get("memory", {}),
+        distillation=method.get("distillation"),
     )

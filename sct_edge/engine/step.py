@@ -35,6 +35,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -50,7 +51,7 @@ from sct_edge.engine.spill import ActivationSpill
 from sct_edge.events import EventSink
 from sct_edge.model.accounting import chunk_tokens_for
 from sct_edge.model.config import ModelConfig
-from sct_edge.model.loss import IGNORE_INDEX, lm_loss_backward
+from sct_edge.model.loss import IGNORE_INDEX, distill_loss_backward, lm_loss_backward
 from sct_edge.model.retraction import retract_
 from sct_edge.model.transformer import Block, KVCache, build_embedding, build_head, rope_tables, tied_head_logits
 from sct_edge.store.shard_names import block_shard, is_optim, optim_shard, weights_shard
@@ -58,12 +59,16 @@ from sct_edge.store.shard_names import block_shard, is_optim, optim_shard, weigh
 if TYPE_CHECKING:
     from sct_edge.parallel.replicas import ReplicaSync
 
-MicroBatch = tuple[Tensor, Tensor | None]  # (tokens, targets) for "lm", (hidden states, None) for "hidden-sum"
+# (tokens, targets) for "lm", where the targets are token ids or, to distill from a teacher, its final hidden
+# states (floating point, batch x seq x dim); (hidden states, None) for "hidden-sum".
+MicroBatch = tuple[Tensor, Tensor | None]
 
 
 def counted_targets(micro_batches: list[MicroBatch]) -> int:
-    """Targets that count in the loss and in tokens/s: all but IGNORE_INDEX (prompt and padding positions)."""
-    return sum(int((y != IGNORE_INDEX).sum()) for _, y in micro_batches)
+    """Targets that count in the loss and in tokens/s: all but IGNORE_INDEX (prompt and padding positions), and
+    every position of a teacher's hidden states."""
+    return sum(y.shape[0] * y.shape[1] if y.is_floating_point() else int((y != IGNORE_INDEX).sum())
+               for _, y in micro_batches)
 
 
 def strip_prefix(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -377,13 +382,18 @@ class Engine:
         # none (every answer cut off) has loss 0 and zero gradients rather than NaN.
         counted = counted_targets(micro_batches)
         for (_, y), h in zip(micro_batches, top, strict=True):
-            mine = int((y != IGNORE_INDEX).sum())
+            mine = counted_targets([(None, y)])
             if mine == 0:
                 grads_out.append(torch.zeros_like(h))
                 continue
             # A few hundred tokens' logits at a time, never batch × seq × vocab (sct_edge/model/loss.py).
-            loss, grad = lm_loss_backward(h, y.to(self.device), lambda rows: self._logits(params, tied, rows),
-                                          mine / counted, chunk)
+            logits = partial(self._logits, params, tied)
+            if y.is_floating_point():
+                # Distilling, the teacher's and the student's logits of a chunk are alive together: half the
+                # tokens a chunk keep the plan's logit working set.
+                loss, grad = distill_loss_backward(h, y.to(self.device), logits, mine / counted, max(1, chunk // 2))
+            else:
+                loss, grad = lm_loss_backward(h, y.to(self.device), logits, mine / counted, chunk)
             total += loss
             grads_out.append(grad)
         for p in [*params.values(), *(tied or {}).values()]:

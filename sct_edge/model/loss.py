@@ -29,21 +29,59 @@ def lm_loss_backward(
     their gradients accumulated into `.grad`, exactly as `loss.backward()` of the full loss would. Returns
     the loss as a float and d loss / d h with the shape of `h`.
     """
-    rows = h.detach().reshape(-1, h.shape[-1])
     flat_targets = targets.reshape(-1)
     counted = int((flat_targets != IGNORE_INDEX).sum())
     # No token with a loss: the mean is NaN, as F.cross_entropy's would be.
     weight = scale / counted if counted else float("nan")
+
+    def chunk_loss(logits: Tensor, start: int, stop: int) -> Tensor:
+        return F.cross_entropy(logits, flat_targets[start:stop], ignore_index=IGNORE_INDEX, reduction="sum") * weight
+
+    return _chunked_backward(h, logits_fn, chunk_loss, chunk_tokens)
+
+
+def distill_loss_backward(
+    h: Tensor, teacher_h: Tensor, logits_fn: Callable[[Tensor], Tensor], scale: float = 1.0,
+    chunk_tokens: int | None = None,
+) -> tuple[float, Tensor]:
+    """`scale` × mean over tokens of KL(p_teacher ‖ p_student), p_teacher = softmax(logits_fn(teacher_h)) and
+    p_student = softmax(logits_fn(h)), and its gradient with respect to `h`, as `lm_loss_backward` gives it.
+
+    `teacher_h` (the shape of `h`) holds the teacher's final hidden states; the teacher's logits go through the
+    same `logits_fn` (the same final norm and head, which distillation keeps fixed) with no gradient, so only
+    a hidden state per token is kept for the teacher, never its logits over the vocabulary.
+    """
+    teacher_rows = teacher_h.reshape(-1, teacher_h.shape[-1])
+    weight = scale / teacher_rows.shape[0]
+
+    def chunk_loss(logits: Tensor, start: int, stop: int) -> Tensor:
+        with torch.no_grad():
+            target = _float32(logits_fn(teacher_rows[start:stop])).log_softmax(-1)
+        return F.kl_div(logits.log_softmax(-1), target, log_target=True, reduction="sum") * weight
+
+    return _chunked_backward(h, logits_fn, chunk_loss, chunk_tokens)
+
+
+def _float32(logits: Tensor) -> Tensor:
+    """bfloat16 compute: the loss in float32."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def _chunked_backward(
+    h: Tensor, logits_fn: Callable[[Tensor], Tensor], chunk_loss: Callable[[Tensor, int, int], Tensor],
+    chunk_tokens: int | None,
+) -> tuple[float, Tensor]:
+    """Σ over chunks of rows of `chunk_loss(logits of rows start:stop, start, stop)`, each chunk backpropagated
+    at once; the total as a float and its gradient with respect to `h`."""
+    rows = h.detach().reshape(-1, h.shape[-1])
     step = chunk_tokens or rows.shape[0]
     grad = torch.empty_like(rows)
     total = torch.zeros((), dtype=torch.float64, device=h.device)
     for start in range(0, rows.shape[0], step):
-        piece = rows[start : start + step].detach().requires_grad_()
-        logits = logits_fn(piece)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bfloat16 compute: loss in float32
-        loss = F.cross_entropy(logits, flat_targets[start : start + step], ignore_index=IGNORE_INDEX,
-                               reduction="sum") * weight
+        stop = min(start + step, rows.shape[0])
+        piece = rows[start:stop].detach().requires_grad_()
+        loss = chunk_loss(_float32(logits_fn(piece)), start, stop)
         loss.backward()
         total += loss.detach()
-        grad[start : start + step] = piece.grad
+        grad[start:stop] = piece.grad
     return float(total), grad.view_as(h)

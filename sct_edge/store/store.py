@@ -697,17 +697,18 @@ class Store:
             self.bytes_written += written.bytes
         return ShardEntry(name, kind, file, version, written.bytes, written.crc32, specs)
 
-    def commit(self, step: int, state: dict | None = None) -> None:
-        """Make every pending shard version and `state` the committed state at `step`, atomically.
+    def commit(self, step: int, state: dict | None = None, extra: dict | None = None) -> None:
+        """Make every pending shard version and `state` (and `extra`, when given: the manifest's `extra` replaced
+        whole) the committed state at `step`, atomically.
 
         Shards not written since the last commit keep their committed version. On any failure (full disk
         included) the store stays at its previous step and the pending versions are kept, so the commit can
         be retried after freeing space, or dropped with `discard`.
         """
-        self.prepare_commit(step, state)
+        self.prepare_commit(step, state, extra)
         self.finish_prepared()
 
-    def prepare_commit(self, step: int, state: dict | None = None) -> None:
+    def prepare_commit(self, step: int, state: dict | None = None, extra: dict | None = None) -> None:
         """Phase one of a commit: the new manifest is made durable beside the current one (`PREPARED`), but
         the store stays at its committed step until `finish_prepared` (or a restart's `abort_prepared`).
 
@@ -724,6 +725,8 @@ class Store:
             new.shards = {**self._manifest.shards, **self._pending}
             new.step, new.generation = int(step), self._manifest.generation + 1
             new.state = copy.deepcopy(self._manifest.state if state is None else state)
+            if extra is not None:
+                new.extra = copy.deepcopy(extra)
             new.written_by = SCT_EDGE_VERSION
             raw = new.to_bytes()
         try:

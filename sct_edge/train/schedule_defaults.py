@@ -11,6 +11,7 @@ used in its start event and on its first line.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 
@@ -38,3 +39,11 @@ FINE_TUNING = ScheduleDefaults("fine-tuning", lr_spectral=2e-4, lr_dense=1e-4, w
 def schedule_defaults(extra: dict | None) -> ScheduleDefaults:
     """The defaults for a store with manifest `extra` (None: a store this run is about to create)."""
     return FINE_TUNING if extra and "imported_from" in extra else FROM_SCRATCH
+
+
+def lr_scale(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to `min_ratio` at `total`; `step` counts from 1."""
+    if step <= warmup:
+        return step / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -55,7 +55,7 @@ from sct_edge.store.store import MANIFEST, Store
 from sct_edge.train.control import Control
 from sct_edge.train.data import Sampler, TrainingData, prepare_training_data
 from sct_edge.train.edge_policy import EdgePolicy
-from sct_edge.train.schedule_defaults import FINE_TUNING, FROM_SCRATCH, schedule_defaults
+from sct_edge.train.schedule_defaults import FINE_TUNING, FROM_SCRATCH, lr_scale, schedule_defaults
 
 # Settings that shape the trajectory: recorded in the store at the first commit, reused on resume.
 DEFAULT_PRESET = "tiny"
@@ -154,14 +154,6 @@ class RunConfig:
             return self.store
         preset = self.preset or DEFAULT_PRESET
         return default_data_dir() / "stores" / (f"{preset}-dense" if self.dense else preset)
-
-
-def lr_scale(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine decay to `min_ratio` at `total`; `step` counts from 1."""
-    if step <= warmup:
-        return step / max(1, warmup)
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class Trainer:
