@@ -324,9 +324,10 @@ def run(args: argparse.Namespace) -> int:
             d = result.distillation
             print(f"  distilled {d['steps']} steps: KL divergence to the dense model {d['first_loss']:.4f} -> "
                   f"{d['last_loss']:.4f} nats a token, {d['seconds']:.1f} s")
+    distilling = "" if result.distillation is None else f", {result.distillation['seconds']:.1f} s distilling"
     print(
         f"  time   {result.seconds:.1f} s ({result.convert_seconds:.1f} s reading and factoring, "
-        f"{result.write_seconds:.1f} s writing the store); peak RSS {format_bytes(peak)}"
+        f"{result.write_seconds:.1f} s writing the store{distilling}); peak RSS {format_bytes(peak)}"
     )
     print(f"  see `sct-edge inspect {result.store}` for every matrix's rank, kept energy and error")
     return 0

@@ -689,6 +689,7 @@ def import_model(
             tensors=shard,
             progress=on_shard,
         )
+        written_at = time.perf_counter()
         distilled = None
         if distill is not None and teacher is not None:
             with written.lock():
@@ -711,7 +712,7 @@ def import_model(
         specs=specs,
         seconds=finished - started,
         convert_seconds=converted - started,
-        write_seconds=finished - converted,
+        write_seconds=written_at - converted,
         notes=notes,
         blocks=block_rows,
         calibration_memory=method.get("calibration", {}).get("memory", {}),
