@@ -294,6 +294,18 @@ def test_distillation_trains_the_factors_towards_the_dense_model_and_leaves_the_
                 assert not t.any(), (name, key)  # a fine-tune starts from fresh moments
 
 
+def test_a_budget_too_small_to_distill_is_refused_before_the_conversion(tmp_path, model_dir):
+    directory, _, _ = model_dir
+    before = sorted(p.name for p in tmp_path.iterdir())
+    phases = []
+    with pytest.raises(SctError, match=r"hf-model: distillation: budget 1\.00 MiB is below the .* try --budget"):
+        import_model(directory, tmp_path / "store", ImportPolicy(rank=6), calibration=calibration(
+            tmp_path, distill=DistillConfig(steps=2), profile=load_profile("ci", "1MiB")),
+            on_progress=lambda phase, done, total: phases.append(phase))
+    assert not phases  # no block was converted
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
 def test_a_calibrated_import_keeps_more_of_the_model_than_plain_svd(tmp_path, model_dir, toy_bpe):
     directory, weights, data = model_dir
     ids = toy_bpe.encode(CALIB_TEXT[-400:]).ids[:60]

@@ -548,8 +548,11 @@ def import_model(
         distill = None if text is None else calibration.distill
         if distill is not None:
             # A budget that cannot hold the distillation step is refused now, not after the conversion.
-            distill_plan(expected_config(source.config, specs, allocated), calibration.profile, *text.tokens.shape,
-                         distill)
+            try:
+                distill_plan(expected_config(source.config, specs, allocated), calibration.profile,
+                             *text.tokens.shape, distill)
+            except SctError as error:
+                raise SctError(f"{source.path}: distillation: {error}") from None
         teacher = None
         report, block_rows = [], []
 
