@@ -199,6 +199,21 @@ def test_write_casts_and_validates(tmp_path):
         assert torch.equal(store.read("block.000.optim")[key], torch.ones(views[key].shape))
 
 
+def test_write_zeros_and_a_commit_that_replaces_extra(tmp_path):
+    path = tmp_path / "s"
+    with Store.create(path, tiny(), extra={"import": {"method": "svd"}}) as store:
+        ones = {k: torch.ones(v.shape) for k, v in store.read("block.001.optim").items()}
+        store.write("block.001.optim", ones)
+        store.commit(0)
+        assert all(t.all() for t in store.read("block.001.optim").values())
+        store.write_zeros("block.001.optim")
+        store.commit(0, extra={"import": {"method": "svd", "distillation": {"steps": 3}}})
+    with Store.open(path) as store:
+        assert store.step == 0 and store.extra == {"import": {"method": "svd", "distillation": {"steps": 3}}}
+        assert not any(t.any() for t in store.read("block.001.optim").values())
+        assert store.verify().step == 0  # every crc32 checks out
+
+
 def test_partial_commit_pending_reads_discard_and_cleanup(tmp_path):
     path = tmp_path / "s"
     with Store.create(path, tiny()) as store:

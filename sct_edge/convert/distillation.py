@@ -85,10 +85,7 @@ def distill_store(
                 on_progress("distilling", step, distill.steps)
         engine.flush()
     for name in store.weight_shard_names():
-        moments = optim_shard(name)
-        zeros = {key: torch.zeros(shape, dtype=dtype) for key, (dtype, shape) in store.specs(moments).items()}
-        store.write(moments, zeros)
-        del zeros
+        store.write_zeros(optim_shard(name))
     return {"steps": distill.steps, "first_loss": losses[0], "last_loss": losses[-1],
             "seconds": time.perf_counter() - started, "resident_blocks": plan.resident_blocks,
             "predicted_peak_bytes": plan.predicted_peak_bytes}

@@ -41,7 +41,8 @@ Public API (what the scheduler and trainer call):
     store.shard_names(), .weight_shard_names(), .kind(name), .specs(name), .shard_bytes(name), .shard_file(name)
     store.read(name) -> {key: tensor view}, store.prefetch(name), store.release(name), store.mapped_address(name)
     store.lock() (context manager; write/commit/discard take it implicitly), store.write(name, tensors),
-    store.commit(step, state), store.discard(), store.verify() -> VerifyReport, store.tokenizer_json()
+    store.write_zeros(name), store.commit(step, state, extra), store.discard(), store.verify() -> VerifyReport,
+    store.tokenizer_json()
     store.bytes_read, store.bytes_written (counters), store.committed_bytes(), store.create_stats
 An importer passes `tensors=` (a function shard name -> weights) to `create` and puts its per-matrix report in
 `extra={"import_report": [{"matrix", "shape", "rank", "kept_energy", "rel_error", "svd"}, ...]}`; `inspect`
@@ -670,6 +671,15 @@ class Store:
                     f"write {name}: tensor {key} has shape {list(tensors[key].shape)}, "
                     f"the shard holds {list(spec.shape)}"
                 )
+        self._write_pending(name, entry, tensors)
+
+    def write_zeros(self, name: str) -> None:
+        """Write a new all-zero version of shard `name` for the pending commit (fresh AdamW moments, say),
+        without holding or transferring its data."""
+        self._require_lock()
+        self._write_pending(name, self._entry(name), None)
+
+    def _write_pending(self, name: str, entry: ShardEntry, tensors: dict[str, Tensor] | None) -> None:
         with self._write_locks[name]:
             new = self._write_version(name, entry.kind, entry.tensors, tensors, self.generation + 1)
             with self._mutex:
