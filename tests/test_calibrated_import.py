@@ -379,6 +379,8 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, model_dir, capsys):
          "--distill-steps must be 0 or more"),
         (["--rank", "4", "--calibrate", str(tmp_path / "calib.txt"), "--distill-steps", "2", "--distill-lr", "0"],
          "--distill-lr must be positive"),
+        (["--dense", "--calibrate", str(tmp_path / "calib.txt"), "--calib-tokens", "512", "--distill-steps", "2"],
+         "every attention and MLP matrix stays dense here"),
     ]
     for flags, message in cases:
         assert main(base[:2] + [str(tmp_path / "new")] + base[2:] + flags) == 2

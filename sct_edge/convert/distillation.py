@@ -49,10 +49,11 @@ def distill_plan(config: ModelConfig, profile: Profile, n_sequences: int, seq_le
                  distill: DistillConfig) -> MemoryPlan:
     """The engine's memory plan for distilling a model of `config` (SctError when the profile's budget cannot
     hold its step, naming the smallest budget that can)."""
-    return make_plan(config, profile, batch_size(n_sequences, seq_len, distill), seq_len, 1, "lm")
+    return make_plan(config, profile, _batch_size(n_sequences, seq_len, distill), seq_len, 1, "lm")
 
 
-def batch_size(n_sequences: int, seq_len: int, distill: DistillConfig) -> int:
+def _batch_size(n_sequences: int, seq_len: int, distill: DistillConfig) -> int:
+    """Whole calibration sequences a step: `batch_tokens` of them, at least one, at most all."""
     return min(n_sequences, max(1, distill.batch_tokens // seq_len))
 
 
@@ -69,7 +70,7 @@ def distill_store(
     seq_len x dim), then zero the moments. The caller commits. Returns the steps and the first and last batch
     losses (mean KL divergence in nats a token)."""
     n_seq, seq_len = tokens.shape
-    batch = batch_size(n_seq, seq_len, distill)
+    batch = _batch_size(n_seq, seq_len, distill)
     plan = distill_plan(store.config, profile, n_seq, seq_len, distill)
     optim = OptimConfig(lr_spectral=distill.lr, lr_dense=0.0)
     generator = torch.Generator().manual_seed(distill.seed)

@@ -539,6 +539,10 @@ def import_model(
         if calibration.spill is not None:
             plan.spill = calibration.spill
     todo = [m for m in matrices(source.config) if specs[m.component].mode != "dense"]
+    if calibration is not None and calibration.distill is not None and not any(
+            m.path.startswith("layers.") for m in todo):
+        raise SctError(f"{source.path}: distillation trains the blocks' factors, and every attention and MLP matrix "
+                       f"stays dense here")
     created = not store.exists()
     staging = Path(tempfile.mkdtemp(prefix=f".{store.name}.import-", dir=_existing_ancestor(store.parent)))
     streams = Activations(staging / "activations" if text is not None and plan.spill else None)
@@ -694,7 +698,7 @@ def import_model(
         )
         written_at = time.perf_counter()
         distilled = None
-        if distill is not None and teacher is not None:
+        if distill is not None:
             with written.lock():
                 distilled = distill_store(written, text.tokens, teacher, distill, calibration.profile, on_progress)
                 method["distillation"] = {**dataclasses.asdict(distill), **distilled}
