@@ -86,6 +86,7 @@ class StartEvent(Event):
     resident_blocks: int
     prefetch_depth: int
     activations: str | None = None  # the plan's choice: recompute | keep | spill (absent before schema 2)
+    clip: float | None = None  # the global gradient-norm clip (None: no clipping, or a run from before it was kept)
     predicted_peak_bytes: int
     corpus: str | None = None  # what the run trains on, in words
     data: dict | None = None  # what the run trains on, in numbers (text tokens, or JSONL examples and masking)

@@ -60,6 +60,9 @@ def test_gemm_peak_measures_every_size_and_restores_the_thread_count():
     peak = gemm_peak(threads=1, sizes=(64, 128), repeats=2)
     assert set(peak.per_size) == {64, 128} and peak.flops_per_s == max(peak.per_size.values()) > 0
     assert peak.threads == 1 and torch.get_num_threads() == before
+    assert peak.dtype == "float32" and peak.to_json()["gemm_peak_dtype"] == "float32"
+    bf16 = gemm_peak(threads=1, sizes=(64,), repeats=1, dtype="bfloat16")
+    assert bf16.dtype == "bfloat16" and bf16.flops_per_s > 0
     assert mfu(10**9, 2.0, 10**9) == 0.5
 
 
@@ -86,6 +89,7 @@ def test_a_missing_store_is_a_one_line_error(tmp_path, capsys):
     (["--engine", "plain"], "--workload lm"),
     (["--scratch", "/nonexistent-dir"], "not an existing directory"),
     (["--workload", "lm", "--engine", "reference", "--cap", "1GiB"], "--cap applies to the streamed engine"),
+    (["--clip", "0"], "--clip must be more than 0"),
 ])
 def test_bad_arguments_are_one_line_errors(args, message, capsys):
     rc, _, err = bench_here(capsys, "--preset", "tiny", "--peak-flops", "1e9", *args)
@@ -126,10 +130,14 @@ def test_the_streamed_step_runs_under_the_malloc_thresholds_its_plan_chose(tmp_p
 
 def test_all_engines_report_ratios_to_the_plain_loop(tmp_path):
     done = bench("--preset", "tiny", "--workload", "lm", "--batch", "1", "--seq", "8", "--steps", "1", "--profile",
-                 "ci", "--engine", "all", "--json", "--peak-flops", "1e9", "--trace", str(tmp_path / "trace"))
+                 "ci", "--engine", "all", "--json", "--peak-flops", "1e9", "--trace", str(tmp_path / "trace"),
+                 "--clip", "0.5", "--plain-dtype", "bfloat16")
     assert done.returncode == 0, done.stderr
     lines = [json.loads(x) for x in done.stdout.strip().splitlines()]
     assert [x["engine"] for x in lines] == ["streamed", "reference", "plain", "ratio", "ratio", "ratio"]
+    # The children got the clip (every block fits, so the streamed step holds its gradients) and the dtypes.
+    assert lines[0]["holds_gradients"] is True
+    assert [x["compute_dtype"] for x in lines[:3]] == ["float32", "float32", "bfloat16"]
     assert [x["of"] for x in lines[3:]] == ["streamed/reference", "streamed/plain", "reference/plain"]
     assert all(x["mfu"] > 0 and x["gemm_peak_flops"] == 1e9 for x in lines[:3])
     assert lines[2]["model_flops"] == training_step_flops(dense_config(get_preset("tiny")), 1, 8)

@@ -161,6 +161,14 @@ def test_budget_and_speed_flags(capsys):
     )
 
 
+def test_clip_plans_the_held_gradients_of_a_run(capsys):
+    plain = memcalc_json(capsys, "--preset", "tiny", "--profile", "ci", "--batch", "2", "--seq", "16")
+    clipped = memcalc_json(capsys, "--preset", "tiny", "--profile", "ci", "--batch", "2", "--seq", "16", "--clip")
+    held = clipped["plan"]["held_gradient_bytes"]
+    assert not plain["plan"]["holds_gradients"] and clipped["plan"]["holds_gradients"] and held > 0
+    assert clipped["predicted_peak_bytes"] == plain["predicted_peak_bytes"] + held
+
+
 def write_store(store: Path, ranks: RankPolicy) -> Path:
     Store.create(store, get_preset("tiny").with_ranks(ranks)).close()
     return store

@@ -229,7 +229,7 @@ def test_dtypes_and_hidden_sum_workload():
     bf16 = make_plan(config, profile("100GiB", state_dtype="bfloat16", compute_dtype="bfloat16"), 1, 8)
     fp32 = make_plan(config, profile("100GiB"), 1, 8)
     assert bf16.block_moment_bytes * 2 == fp32.block_moment_bytes
-    assert bf16.boundary_activation_bytes * 2 == fp32.boundary_activation_bytes
+    assert bf16.boundary_activation_bytes == fp32.boundary_activation_bytes  # the residual stream stays float32
     assert any("bfloat16" in note for note in bf16.notes)
     additive = dataclasses.replace(config, attention="additive")
     hidden_sum = make_plan(additive, profile("100GiB"), 1, 8, workload="hidden-sum")
@@ -311,3 +311,26 @@ def test_hidden_state_tensors_come_from_the_heap_only_when_nothing_is_paged_and_
     assert paged.paging and paged.heap_slack_bytes == 0 and paged.malloc == STEP_MALLOC
     small = make_plan(config, profile("10GiB"), batch=1, seq=512)  # 8 MiB tensors: on the heap already
     assert small.heap_slack_bytes == 0 and small.malloc == STEP_MALLOC
+
+
+def test_clipping_holds_every_gradient_only_when_every_block_is_resident_and_they_fit():
+    config = small_config()
+    count = count_params(config)
+    plain = make_plan(config, profile("100GiB"), batch=2, seq=16)
+    assert not plain.clip and not plain.holds_gradients and plain.held_gradient_bytes == 0
+    clipped = make_plan(config, profile("100GiB"), batch=2, seq=16, clip=True)
+    # One block's gradients are in the plan already; holding adds the others'.
+    held = 4 * (sum(count.block_stored) - max(count.block_stored))
+    assert clipped.holds_gradients and clipped.held_gradient_bytes == held > 0
+    assert clipped.predicted_peak_bytes == plain.predicted_peak_bytes + held
+    assert any("held for clipping" in line for line in clipped.describe())
+    # No room for them: the plan keeps every block resident and measures the norm with a second backward.
+    tight = make_plan(config, profile(f"{clipped.predicted_peak_bytes - 1}B"), batch=2, seq=16, clip=True)
+    assert not tight.paging and not tight.holds_gradients and tight.held_gradient_bytes == 0
+    assert tight.predicted_peak_bytes == plain.predicted_peak_bytes
+    assert any("a first backward pass measures" in line for line in tight.describe())
+    # Paged blocks leave RAM between the passes: never held. Across replicas the exchange owns the gradients.
+    budget = plain.predicted_peak_bytes - 2 * plain.block_resident_bytes
+    paged = make_plan(config, profile(f"{budget}B"), batch=2, seq=16, clip=True)
+    assert paged.paging and not paged.holds_gradients
+    assert not make_plan(config, profile("100GiB"), batch=2, seq=16, clip=True, replicas=2).holds_gradients

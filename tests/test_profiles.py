@@ -19,7 +19,7 @@ GiB, MiB = 2**30, 2**20
 
 
 def test_shipped_profiles_load():
-    assert shipped_profiles() == ["ci", "m4pro", "steamdeck"]
+    assert shipped_profiles() == ["ci", "m4pro", "rogally", "steamdeck"]
     deck = load_profile("steamdeck")
     assert (deck.device, deck.memory_budget, deck.threads) == ("cpu", 10 * GiB, 4)
     assert deck.battery.pause_below_percent < deck.battery.resume_above_percent
@@ -28,6 +28,8 @@ def test_shipped_profiles_load():
     assert (m4.device, m4.memory_budget) == ("auto", 32 * GiB)
     ci = load_profile("ci")
     assert (ci.memory_budget, ci.threads) == (1 * GiB, 2)
+    ally = load_profile("rogally")
+    assert (ally.compute_dtype, ally.state_dtype, ally.memory_budget) == ("bfloat16", "float32", 10 * GiB)
 
 
 def test_shipped_profiles_document_every_key():
@@ -146,7 +148,7 @@ def test_invalid_toml_and_missing_file(tmp_path):
         load_profile(path)
     with pytest.raises(SctError, match="does not exist"):
         load_profile(tmp_path / "absent.toml")
-    with pytest.raises(SctError, match=r"unknown profile 'nope' \(shipped: ci, m4pro, steamdeck\)"):
+    with pytest.raises(SctError, match=r"unknown profile 'nope' \(shipped: ci, m4pro, rogally, steamdeck\)"):
         load_profile("nope")
 
 

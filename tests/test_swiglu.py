@@ -30,7 +30,7 @@ def factors(tokens: int, dim: int, ffn: int, rank: int, dtype=torch.float64) -> 
 @pytest.mark.parametrize("chunk", [1, 4, 11, 64])  # slices of one column, uneven slices, one slice for all
 def test_gradcheck_in_float64(chunk):
     args = factors(tokens=7, dim=5, ffn=11, rank=3)
-    assert torch.autograd.gradcheck(lambda *a: SpectralSwiGLU.apply(*a, chunk), args)
+    assert torch.autograd.gradcheck(lambda *a: SpectralSwiGLU.apply(*a, chunk, torch.float64), args)
 
 
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float64, 1e-12), (torch.float32, 1e-5)])
@@ -39,7 +39,7 @@ def test_forward_and_every_gradient_equal_autograd_through_the_plain_composition
     grad_y = torch.randn(33, 16, generator=torch.Generator().manual_seed(3), dtype=dtype)
     expected = plain(*args)
     expected_grads = torch.autograd.grad(expected, args, grad_y)
-    got = SpectralSwiGLU.apply(*args, 8)
+    got = SpectralSwiGLU.apply(*args, 8, dtype)
     got_grads = torch.autograd.grad(got, args, grad_y)
     # Relative to each tensor's norm: float32 sums over the FFN in another order, single entries may cancel.
     for a, b in zip([got, *got_grads], [expected, *expected_grads], strict=True):
@@ -55,3 +55,25 @@ def test_the_model_mlp_is_the_same_map_sliced_or_not(monkeypatch):
     monkeypatch.setattr(accounting, "SLICE_FROM_BYTES", 1)  # every size: the slices
     assert slices_pay_off(x, spectral.ffn_dim)
     torch.testing.assert_close(mlp(x), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_under_bfloat16_autocast_it_matches_the_plain_composition_and_returns_float32_gradients(monkeypatch):
+    """The engine's bfloat16 compute: the sliced products in bfloat16 with float32 sums over slices, against
+    the plain composition under the same autocast (both off the float64 truth by bfloat16 rounding only)."""
+    spectral = get_preset("tiny").with_ranks(RankPolicy.uniform(8))
+    mlp = MLP(spectral, layer=0, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(4, 16, spectral.dim, generator=torch.Generator().manual_seed(2)).requires_grad_()
+    params = [x, *mlp.parameters()]
+    grad_y = torch.randn(4, 16, spectral.dim, generator=torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = mlp.down(F.silu(mlp.gate(x)) * mlp.up(x))
+    reference_grads = torch.autograd.grad(reference, params, grad_y)
+    monkeypatch.setattr(accounting, "SLICE_FROM_BYTES", 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = mlp(x)
+    got_grads = torch.autograd.grad(got, params, grad_y)
+    assert got.dtype == reference.dtype == torch.bfloat16
+    for a, b, p in zip([got, *got_grads], [reference, *reference_grads], [x, *params], strict=True):
+        assert a.dtype == b.dtype and (a is got or a.dtype == p.dtype == torch.float32)
+        a, b = a.detach().float(), b.detach().float()
+        assert float((a - b).norm() / b.norm()) < 2e-2

@@ -36,12 +36,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "plain PyTorch loop of the model made dense (--workload lm); both: streamed and reference, "
                         "all: the three, each in its own child process, with ratios")
     p.add_argument("--peak-flops", type=float,
-                   help="fp32 GEMM peak (FLOP/s) to compute MFU against (default: measured at the start of the run)")
+                   help="GEMM peak (FLOP/s) to compute MFU against (default: measured at the start of the run, in the "
+                        "profile's compute dtype)")
     p.add_argument("--trace", help="directory for a torch.profiler trace of each engine's last step "
                                    "(ENGINE.trace.json for chrome://tracing, ENGINE.top.txt: the top ops, "
                                    "ENGINE.kinds.json: seconds by kind of op)")
     p.add_argument("--cap", help="run the streamed child under a hard cgroup memory cap of this size "
                                  "(page cache charged; Linux cgroup v1, root); with --engine streamed, both or all")
+    p.add_argument("--clip", type=float, help="clip the global gradient norm at this value, as `sct-edge run` does "
+                                              "by default (1.0); default: no clipping")
+    p.add_argument("--plain-dtype", choices=("float32", "bfloat16"),
+                   help="compute dtype of the plain loop (default: the profile's compute_dtype); float32 is the loop "
+                        "as one writes it first")
     p.add_argument("--json", action="store_true", help="print JSON lines only")
     p.set_defaults(func=run)
 
@@ -57,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
                         ("--micro-batches", args.micro_batches), ("--threads", args.threads or 1)):
         if value < 1:
             raise SctError(f"{flag} must be at least 1, not {value}")
+    if args.clip is not None and not args.clip > 0:
+        raise SctError(f"--clip must be more than 0, not {args.clip}")
     if args.engine in ("all", "plain") and args.workload != "lm":
         raise SctError("the plain loop runs the real model: --engine all/plain needs --workload lm")
     if args.store is not None and args.rank is not None:
@@ -65,10 +73,11 @@ def run(args: argparse.Namespace) -> int:
         raise SctError(f"--scratch {args.scratch}: not an existing directory")
     profile = load_profile(args.profile, args.budget)  # a bad profile or budget fails here, before any child
     spec = BenchSpec(args.preset, args.rank, args.profile, args.budget, args.steps, args.workload, args.batch,
-                     args.seq, args.micro_batches, args.store, args.scratch, args.threads, args.peak_flops, args.trace)
+                     args.seq, args.micro_batches, args.store, args.scratch, args.threads, args.peak_flops, args.trace,
+                     args.clip, args.plain_dtype)
     spec.config()  # bad presets, ranks and stores fail here, before any child starts
     if spec.peak_flops is None:
-        spec.peak_flops = gemm_peak(args.threads or profile.usable_threads()).flops_per_s
+        spec.peak_flops = gemm_peak(args.threads or profile.usable_threads(), dtype=profile.compute_dtype).flops_per_s
     runners = {"streamed": run_streamed, "reference": run_reference, "plain": run_plain}
     if args.cap and args.engine in ("reference", "plain"):
         raise SctError("--cap applies to the streamed engine: use --engine streamed, both or all")
@@ -101,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
     for line in lines:
         print(json.dumps(line) if args.json else _human(line))
     if not args.json:
-        print(f"GEMM peak   {spec.peak_flops / 1e9:.1f} GFLOP/s (fp32 square products, measured at the start)")
+        how = "given" if args.peak_flops else f"{profile.compute_dtype} square products, measured at the start"
+        print(f"GEMM peak   {spec.peak_flops / 1e9:.1f} GFLOP/s ({how})")
         print("command:", shlex.join(["sct-edge", "bench", "step", *_argv(args)]))
     return 0 if all("error" not in line for line in lines) else 1
 
@@ -123,7 +133,7 @@ def _human(line: dict) -> str:
 def _argv(args: argparse.Namespace) -> list[str]:
     out = []
     for key in ("preset", "store", "rank", "profile", "budget", "steps", "workload", "batch", "seq", "micro_batches",
-                "threads", "engine", "cap"):
+                "threads", "engine", "cap", "clip", "plain_dtype"):
         value = getattr(args, key)
         if value is not None:
             out += [f"--{key.replace('_', '-')}", str(value)]

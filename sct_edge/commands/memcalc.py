@@ -38,7 +38,7 @@ from sct_edge.store.manifest_file import MANIFEST, manifest_config, read_manifes
 PUBLISHED_RANK = 32  # the rank of the seeds' per-layer table
 CHART_WIDTH = 48
 CHART_FLOOR = 10**8  # 100 MB: the left end of the log-scale bars
-DEFAULTS = {"profile": "steamdeck", "batch": 1, "seq": 8, "micro_batches": 1, "workload": "lm"}
+DEFAULTS = {"profile": "steamdeck", "batch": 1, "seq": 8, "micro_batches": 1, "workload": "lm", "clip": False}
 
 NOTES = [
     "The seeds' 7.24 GB (7,235.5 MB on the Steam Deck) was an estimate, parameter count × 16 bytes, not a measurement.",
@@ -104,6 +104,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ranks training the model together under torchrun: adds the gradient exchange's buffers")
     parser.add_argument("--grad-dtype", choices=("float32", "bfloat16"), default="float32",
                         help="dtype of the gradients the replicas exchange")
+    parser.add_argument("--clip", action="store_true", default=None,
+                        help="plan a step that clips the global gradient norm, as `sct-edge run` does by default: "
+                             "with every block resident and room to spare, all gradients are held (one backward)")
     parser.add_argument("--json", action="store_true", help="one JSON object with stable keys instead of tables")
 
 
@@ -171,6 +174,7 @@ def measured_run(file: Path, events: list[Event]) -> Measured:
         setup = {
             "config": start.config, "profile": start.profile, "budget_bytes": start.budget_bytes,
             "batch": start.batch, "seq": start.seq, "micro_batches": start.micro_batches, "workload": start.workload,
+            "clip": start.clip is not None,
         }
     # The first step pays for cold caches and lazy initialisation; steady state is the rest.
     steady = steps[1:] or steps
@@ -522,7 +526,7 @@ def run(args: argparse.Namespace) -> int:
     if args.replicas < 1:
         raise SctError("--replicas must be at least 1")
     plan = make_plan(config, profile, batch, seq, micro, workload, read_speed, write_speed, args.replicas,
-                     args.grad_dtype)
+                     args.grad_dtype, _setting(args, setup, "clip", source))
     report = build_report(config, label, plan, measured)
     if args.json:
         print(json.dumps(report))

@@ -9,8 +9,8 @@ random hidden states of batch × seq, loss = their sum); `lm` is the real model 
 The model is a preset (a fresh store is created in a scratch directory) or an existing store, such as an
 imported model, which is copied into the scratch directory first so the benchmark never changes it. Every
 line reports the step's model FLOPs (`sct_edge.engine.flops`), the FLOP/s achieved and the MFU against the
-fp32 GEMM peak measured once at the start of the invocation. `plain` is a plain PyTorch loop of the same
-model made dense (`sct_edge.engine.plain_loop`), for the ratios at real batch sizes.
+GEMM peak in the profile's compute dtype, measured once at the start of the invocation. `plain` is a plain
+PyTorch loop of the same model made dense (`sct_edge.engine.plain_loop`), for the ratios at real batch sizes.
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ class BenchSpec:
     threads: int | None
     peak_flops: float | None = None  # the GEMM peak MFU is computed against, measured by the parent
     trace: str | None = None  # directory for a torch.profiler trace of the last step
+    clip: float | None = None  # global gradient-norm clip, as `sct-edge run` applies by default (1.0)
+    plain_dtype: str | None = None  # compute dtype of the plain loop (None: the profile's)
 
     def config(self) -> ModelConfig:
         if self.store is not None:
@@ -173,9 +175,10 @@ def run_streamed(spec: BenchSpec) -> dict:
         else:
             store = Store.create(Path(tmp) / "store", config, seed=0, state_dtype=getattr(torch, profile.state_dtype))
         create_s = time.perf_counter() - started
-        plan = make_plan(config, profile, spec.batch, spec.seq, spec.micro_batches, spec.workload)
+        plan = make_plan(config, profile, spec.batch, spec.seq, spec.micro_batches, spec.workload,
+                         clip=spec.clip is not None)
         configure_process(ProcessSettings(malloc=plan.malloc))
-        engine = Engine(store, plan, OptimConfig(), resolve_device(profile))
+        engine = Engine(store, plan, OptimConfig(max_grad_norm=spec.clip), resolve_device(profile))
         times, results = timed_steps(spec, config, "streamed", engine.train_step)
         engine.close()
         phases = [r.phase_s for r in results]
@@ -187,36 +190,42 @@ def run_streamed(spec: BenchSpec) -> dict:
             "bytes_written": statistics.median(writes[1:] or writes), "ortho_err": ortho,
             "resident_blocks": plan.resident_blocks, "n_blocks": config.n_layers,
             "predicted_peak_bytes": plan.predicted_peak_bytes, "store_create_s": create_s,
-            "budget_bytes": profile.memory_budget,
+            "budget_bytes": profile.memory_budget, "holds_gradients": plan.holds_gradients,
+            "compute_dtype": profile.compute_dtype,
         })
 
 
 def run_reference(spec: BenchSpec) -> dict:
+    from sct_edge.engine.profile import load_profile
     from sct_edge.engine.reference import InMemoryStep
     from sct_edge.model.retraction import orthonormality_error
     from sct_edge.model.transformer import Transformer
 
     config = spec.config()
     model = Transformer(config)
-    step_engine = InMemoryStep(model, OptimConfig(), workload=spec.workload)
+    compute_dtype = load_profile(spec.profile, spec.budget).compute_dtype
+    step_engine = InMemoryStep(model, OptimConfig(max_grad_norm=spec.clip), workload=spec.workload,
+                               compute_dtype=compute_dtype)
     times, _ = timed_steps(spec, config, "reference", lambda batches, step: step_engine.step(batches))
     factors = [p.detach() for n, p in model.named_parameters() if n.endswith((".U", ".V"))]
     ortho = max((orthonormality_error(f) for f in factors), default=0.0)
-    return summarise(spec, config, times, [{}] * len(times),
-                     {"engine": "reference", "bytes_read": 0, "bytes_written": 0, "ortho_err": ortho})
+    return summarise(spec, config, times, [{}] * len(times), {"engine": "reference", "bytes_read": 0,
+                     "bytes_written": 0, "ortho_err": ortho, "compute_dtype": compute_dtype})
 
 
 def run_plain(spec: BenchSpec) -> dict:
     from sct_edge.engine.plain_loop import PlainLoop
+    from sct_edge.engine.profile import load_profile
     from sct_edge.model.transformer import dense_config
 
     if spec.workload != "lm":
         raise SctError("the plain loop runs the real model: it needs --workload lm")
     config = dense_config(spec.config())
-    loop = PlainLoop(config)
+    compute_dtype = spec.plain_dtype or load_profile(spec.profile, spec.budget).compute_dtype
+    loop = PlainLoop(config, clip=spec.clip, compute_dtype=compute_dtype)
     times, _ = timed_steps(spec, config, "plain", lambda batches, step: loop.step(batches))
-    return summarise(spec, config, times, [{}] * len(times),
-                     {"engine": "plain", "bytes_read": 0, "bytes_written": 0, "ortho_err": 0.0})
+    return summarise(spec, config, times, [{}] * len(times), {"engine": "plain", "bytes_read": 0, "bytes_written": 0,
+                     "ortho_err": 0.0, "compute_dtype": compute_dtype})
 
 
 def child_command(spec: BenchSpec, engine: str) -> list[str]:
@@ -226,7 +235,7 @@ def child_command(spec: BenchSpec, engine: str) -> list[str]:
            "--micro-batches", str(spec.micro_batches)]
     for flag, value in (("--rank", spec.rank), ("--budget", spec.budget), ("--store", spec.store),
                         ("--scratch", spec.scratch), ("--threads", spec.threads), ("--peak-flops", spec.peak_flops),
-                        ("--trace", spec.trace)):
+                        ("--trace", spec.trace), ("--clip", spec.clip), ("--plain-dtype", spec.plain_dtype)):
         if value is not None:
             cmd += [flag, str(value)]
     return cmd

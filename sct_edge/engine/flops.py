@@ -1,4 +1,4 @@
-"""Model FLOPs of a training step, and the machine's fp32 GEMM peak to hold them against (MFU).
+"""Model FLOPs of a training step, and the machine's GEMM peak to hold them against (MFU).
 
 Model FLOPs count the work the model needs, not what an engine happens to do: a recompute in backward
 or a padded attention tile is not counted, so two engines of the same model are compared on one scale.
@@ -10,8 +10,9 @@ the embedding lookup is free when dense and costs the V projection (2·k·dim) w
 forward × 3 (backward computes two products per forward product: the input's gradient and the weights').
 The hidden-sum workload has no embedding, head or softmax attention, only the seven matrices of each block.
 
-MFU is model FLOPs per second over the fp32 GEMM peak of square products measured on this machine, with
-the thread count the run uses, in the same invocation (`gemm_peak`).
+MFU is model FLOPs per second over the GEMM peak of square products measured on this machine in the step's
+compute dtype (float32, or bfloat16 where a profile computes in it), with the thread count the run uses, in
+the same invocation (`gemm_peak`).
 """
 
 from __future__ import annotations
@@ -62,20 +63,23 @@ def training_step_flops(config: ModelConfig, batch: int, seq: int, micro_batches
 
 @dataclass
 class GemmPeak:
-    """The best fp32 square-GEMM rate measured, with the size that reached it and the threads used."""
+    """The best square-GEMM rate measured in one dtype, with the size that reached it and the threads used."""
 
     flops_per_s: float
     size: int
     threads: int
     per_size: dict[int, float]
+    dtype: str = "float32"
 
     def to_json(self) -> dict:
         return {"gemm_peak_flops": self.flops_per_s, "gemm_peak_size": self.size, "gemm_threads": self.threads,
-                "gemm_per_size": {str(k): v for k, v in self.per_size.items()}}
+                "gemm_per_size": {str(k): v for k, v in self.per_size.items()}, "gemm_peak_dtype": self.dtype}
 
 
-def gemm_peak(threads: int | None = None, sizes: tuple[int, ...] = PEAK_SIZES, repeats: int = 3) -> GemmPeak:
-    """fp32 GEMM FLOP/s of square products: the median of `repeats` timed products per size, best size wins.
+def gemm_peak(threads: int | None = None, sizes: tuple[int, ...] = PEAK_SIZES, repeats: int = 3,
+              dtype: str = "float32") -> GemmPeak:
+    """GEMM FLOP/s of square products in `dtype` (float32 or bfloat16): the median of `repeats` timed products
+    per size, best size wins.
 
     `threads` sets torch's thread count for the measurement (restored after); it should be the run's.
     """
@@ -86,8 +90,8 @@ def gemm_peak(threads: int | None = None, sizes: tuple[int, ...] = PEAK_SIZES, r
         per_size = {}
         for n in sizes:
             gen = torch.Generator().manual_seed(n)
-            a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
-            out = torch.empty(n, n)
+            a, b = (torch.randn(n, n, generator=gen).to(getattr(torch, dtype)) for _ in range(2))
+            out = torch.empty_like(a)
             torch.mm(a, b, out=out)  # warm-up: first touch of the pages and MKL's setup
             times = []
             for _ in range(repeats):
@@ -96,7 +100,7 @@ def gemm_peak(threads: int | None = None, sizes: tuple[int, ...] = PEAK_SIZES, r
                 times.append(time.perf_counter() - t0)
             per_size[n] = 2 * n**3 / statistics.median(times)
         best = max(per_size, key=per_size.get)
-        return GemmPeak(per_size[best], best, torch.get_num_threads(), per_size)
+        return GemmPeak(per_size[best], best, torch.get_num_threads(), per_size, dtype)
     finally:
         torch.set_num_threads(previous)
 

@@ -9,6 +9,10 @@ What RAM holds during a step (the terms of `MemoryPlan`):
 - in-flight blocks, only when paging: `prefetch_depth` read ahead + 1 being computed + 1 being written back,
   each the size of a resident block (backward reads weights and moments, the optimizer updates both).
 - one block's gradients (4 B a parameter): blocks are backpropagated, stepped and released one at a time.
+  Global-norm clipping needs every gradient before the first update: when every block is resident and the
+  budget has room, the step holds all blocks' gradients until backward ends (`held_gradient_bytes`, the
+  other blocks' gradients) and backpropagates once; otherwise a first backward pass measures the norm and
+  the second one updates (no memory, one more backward a step).
 - embedding, LM head and final norm ("lm" workload): weights, moments and gradients, always resident.
 - boundary activations: each block's input for every micro-batch, (n_layers + 1) × micro-batches × batch ×
   seq × dim elements (with `activations = spill`, which writes them to disk, only two per micro-batch stay in
@@ -32,8 +36,10 @@ What RAM holds during a step (the terms of `MemoryPlan`):
   `grad_dtype`), a weight bucket for the broadcast, and on the owner the averaged gradients; those two shards'
   weights and gradients stay in RAM until their exchange ends.
 
-Activation elements take the profile's compute dtype (4 B for float32, 2 B for bfloat16); the formulas were
-checked against autograd's saved tensors and the process's peak RSS in float32 on the CPU.
+Activation elements are counted at 4 B whatever the compute dtype: bfloat16 compute runs the products under
+autocast, which keeps the residual stream, the norms and RoPE in float32 and saves bfloat16 copies of the
+products' inputs beside them, so the float32 count is the closer bound. The formulas were checked against
+autograd's saved tensors and the process's peak RSS in float32 on the CPU.
 """
 
 from __future__ import annotations
@@ -178,6 +184,9 @@ class MemoryPlan:
     heap_slack_bytes: int  # freed heap chunks kept for reuse at the peak (0 when the threshold is the default)
     replicas: int  # ranks training the model together (1: a single process)
     comm_buffer_bytes: int  # across replicas: exchange buckets and the shards held in flight
+    clip: bool  # whether the step clips the global gradient norm
+    holds_gradients: bool  # clipping: every gradient held until backward ends (one backward pass, not two)
+    held_gradient_bytes: int  # the gradients held beyond one block's
     predicted_peak_bytes: int
     store_bytes: int
     io_read_bytes_per_step: int
@@ -273,6 +282,12 @@ class MemoryPlan:
         lines.append(f"  one block's backward working set: {b(self.block_working_set_bytes)}")
         if self.workload == "lm":
             lines.append(f"  logits working set: {b(self.logits_bytes)} (freed before any block's backward)")
+        if self.holds_gradients:
+            lines.append(f"  gradients of every block held for clipping: {b(self.held_gradient_bytes)} more "
+                         f"(one backward pass a step)")
+        elif self.clip:
+            lines.append("  clipping: a first backward pass measures the gradient norm (no room to hold every "
+                         "gradient)")
         if self.replicas > 1:
             lines.append(f"  gradient exchange across {self.replicas} replicas (two shards in flight): "
                          f"{b(self.comm_buffer_bytes)}")
@@ -346,7 +361,7 @@ def _step_costs(
 ) -> _StepCosts:
     _check_inputs(config, batch, seq, micro_batches, workload)
     state_bytes = DTYPE_BYTES[profile.state_dtype]
-    act_bytes = DTYPE_BYTES[profile.compute_dtype]
+    act_bytes = FP32  # see the module docstring: bfloat16 compute keeps float32 activations too
     count = count_params(config)
     block_params = max(count.block_stored)
     embed_head_params = count.embed.stored + count.head.stored + count.final_norm.stored if workload == "lm" else 0
@@ -367,7 +382,8 @@ def _step_costs(
         transient=backward_transient_elements(config, batch, seq, act_bytes) * act_bytes,
         # bfloat16 compute works on a bf16 copy of the computing block's fp32 weights.
         cast=block_params * 2 if profile.compute_dtype == "bfloat16" else 0,
-        logits=logits_working_set(config, batch * seq, count.head.stored or count.embed.stored, act_bytes)
+        logits=logits_working_set(config, batch * seq, count.head.stored or count.embed.stored,
+                                  DTYPE_BYTES[profile.compute_dtype])
         if workload == "lm" else 0,
         # With keep, a resident block holds its forward graph until backward (its input is a boundary
         # activation already); a paged block always recomputes, since its weights leave RAM between the passes.
@@ -432,14 +448,16 @@ def make_plan(
     write_bytes_per_s: float = DEFAULT_WRITE_BYTES_PER_S,
     replicas: int = 1,
     grad_dtype: str = "float32",
+    clip: bool = False,
 ) -> MemoryPlan:
     """Plan residency and predict peak RAM and I/O for one optimizer step of `micro_batches` × batch × seq.
 
     Residency: every block when all fit beside the fixed costs; otherwise
     resident = floor((budget − fixed costs − in-flight window) / resident bytes of a block), with the window
     shrunk below prefetch_depth + 2 blocks only when the budget cannot hold it (a resident block's bytes
-    include its kept forward graph with `activations = keep`). A budget that cannot hold even one in-flight
-    block is a `SctError` naming the smallest budget that works (`minimum_budget`).
+    include its kept forward graph with `activations = keep`). With `clip` (global-norm clipping), a plan that
+    keeps every block resident in one process also holds every block's gradients when they fit. A budget that
+    cannot hold even one in-flight block is a `SctError` naming the smallest budget that works (`minimum_budget`).
     """
     if read_bytes_per_s <= 0 or write_bytes_per_s <= 0:
         raise SctError("disk read and write speeds must be more than 0 bytes/s")
@@ -480,6 +498,10 @@ def make_plan(
         held = 0 if resident == n else c.block_params * FP32 + c.grad_bytes  # a paged shard kept until sent
         comm = shards_in_flight * (bucket + held)
     peak = c.base + c.phase_peak(working) + resident * per_resident + inflight * c.block_bytes + comm
+    held = (sum(c.block_stored) - c.block_params) * FP32
+    holds = clip and resident == n and replicas == 1 and peak + held <= budget
+    if holds:
+        peak += held
     heap_limit, heap_slack = STEP_MALLOC.mmap_bytes, 0
     if c.boundary_tensor >= heap_limit and resident == n and peak + HEAP_SLACK_TENSORS * c.boundary_tensor <= budget:
         # Under the default threshold every hidden-state tensor would be a fresh mmap that the kernel zeroes
@@ -499,7 +521,8 @@ def make_plan(
     if profile.device == "cuda":
         notes.append("the plan counts host RAM; a CUDA device's own memory is not planned")
     if profile.compute_dtype == "bfloat16":
-        notes.append("bfloat16 activation sizes scale the float32 formula, which is the one checked against torch")
+        notes.append("bfloat16 compute: activations are counted at float32 size (autocast keeps the residual "
+                     "stream in float32)")
 
     return MemoryPlan(
         model=config.name,
@@ -533,6 +556,9 @@ def make_plan(
         heap_slack_bytes=heap_slack,
         replicas=replicas,
         comm_buffer_bytes=comm,
+        clip=clip,
+        holds_gradients=holds,
+        held_gradient_bytes=held if holds else 0,
         predicted_peak_bytes=peak,
         store_bytes=store_bytes,
         io_read_bytes_per_step=io_read,

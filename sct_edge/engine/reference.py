@@ -7,6 +7,8 @@ Adam moment against it, and `sct-edge bench step` times it in the same invocatio
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -17,8 +19,11 @@ from sct_edge.model.transformer import Transformer, rope_tables
 
 
 class InMemoryStep:
-    def __init__(self, model: Transformer, optim: OptimConfig, workload: str = "lm", fused: bool = False) -> None:
+    def __init__(self, model: Transformer, optim: OptimConfig, workload: str = "lm", fused: bool = False,
+                 compute_dtype: str = "float32") -> None:
         self.model = model
+        # As the engine: bfloat16 compute runs the forward (and so its backward) under autocast.
+        self.autocast = partial(torch.autocast, "cpu", dtype=torch.bfloat16, enabled=compute_dtype == "bfloat16")
         self.optim_config = optim
         self.workload = workload
         named = [(n, p) for n, p in model.named_parameters() if workload == "lm" or n.startswith("layers.")]
@@ -30,13 +35,15 @@ class InMemoryStep:
 
     def loss(self, x: Tensor, y: Tensor | None) -> Tensor:
         if self.workload == "lm":
-            logits = self.model(x)
+            with self.autocast():
+                logits = self.model(x)
             return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
         cos, sin = rope_tables(self.model.config, torch.arange(x.shape[1]))
         h = x
-        for block in self.model.layers:
-            h = block(h, cos, sin)
-        return h.sum()
+        with self.autocast():
+            for block in self.model.layers:
+                h = block(h, cos, sin)
+        return h.float().sum()
 
     def step(self, micro_batches: list[tuple[Tensor, Tensor | None]]) -> float:
         self.optimizer.zero_grad(set_to_none=True)

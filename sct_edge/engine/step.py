@@ -25,9 +25,11 @@ instead (no recompute, more memory); paged blocks always recompute, since their 
 the two passes. With `activations = "spill"` the boundary activations go to disk in forward and come back
 in backward (`sct_edge/engine/spill.py`): only the block being computed has its input in RAM.
 
-Global-norm gradient clipping needs every gradient before any update. With `max_grad_norm` set, the step
-runs a first backward pass that only measures the gradient norm (recomputing, nothing updated or written),
-then the real backward pass with the gradients scaled; it costs one extra backward, and exactness is kept.
+Global-norm gradient clipping needs every gradient before any update. When the plan holds gradients
+(every block resident, room for all their gradients: `MemoryPlan.holds_gradients`), backward runs once and
+keeps each shard's gradients; the updates follow, scaled, once the norm is known. Otherwise the step runs a
+first backward pass that only measures the gradient norm (recomputing, nothing updated or written), then the
+real backward pass with the gradients scaled: one extra backward. Both give the same update.
 """
 
 from __future__ import annotations
@@ -110,6 +112,16 @@ class ForwardPass:
 
 
 @dataclass
+class HeldShard:
+    """A shard whose gradients are complete and whose update waits for the global gradient norm (clipping)."""
+
+    name: str
+    layer: int | None
+    tensors: dict[str, Tensor]
+    params: dict[str, Tensor]
+
+
+@dataclass
 class BackwardResult:
     loss: float
     ortho_err: float
@@ -145,6 +157,11 @@ class Engine:
         self.activations = plan.activations
         self.optim = optim or OptimConfig()
         self.device = torch.device(device)
+        # The profile's compute dtype: bfloat16 runs every block's and the head's products under autocast
+        # (bfloat16 GEMMs on fp32 weights, which stay the master copy); the loss, AdamW and the retraction
+        # stay float32.
+        self.autocast = partial(torch.autocast, self.device.type, dtype=torch.bfloat16,
+                                enabled=plan.compute_dtype == "bfloat16")
         self.n_layers = self.config.n_layers
         self.templates = [Block(self.config, i, device="meta") for i in range(self.n_layers)]
         self.embed_template = build_embedding(self.config, device="meta")
@@ -206,13 +223,15 @@ class Engine:
 
     def _logits(self, head: dict[str, Tensor], embed: dict[str, Tensor] | None, h: Tensor) -> Tensor:
         h = F.rms_norm(h, (h.shape[-1],), head["norm.weight"], self.config.norm_eps)
-        if self.head_template is None:
-            return tied_head_logits(strip_prefix(embed, "embed."), h)
-        return functional_call(self.head_template, strip_prefix(head, "head."), (h,))
+        with self.autocast():
+            if self.head_template is None:
+                return tied_head_logits(strip_prefix(embed, "embed."), h)
+            return functional_call(self.head_template, strip_prefix(head, "head."), (h,))
 
     def _block(self, i: int, weights: dict[str, Tensor], x: Tensor, rope: tuple[Tensor, Tensor],
                cache: KVCache | None = None) -> Tensor:
-        return functional_call(self.templates[i], weights, (x, *rope, cache))
+        with self.autocast():
+            return functional_call(self.templates[i], weights, (x, *rope, cache))
 
     def _rope(self, start: int, length: int) -> tuple[Tensor, Tensor]:
         cos, sin = rope_tables(self.config, torch.arange(start, start + length))
@@ -264,12 +283,23 @@ class Engine:
         forward = self._forward(micro_batches, clock)
         grad_norm = None
         grad_scale = 1.0
-        if self.optim.max_grad_norm is not None:
-            measured = self._backward(micro_batches, forward, step, lr_scale, clock, update=False)
-            squared = measured.squared_norm if self.replicas is None else self.replicas.total(measured.squared_norm)
-            grad_norm = squared**0.5
+        if self.optim.max_grad_norm is not None and self.plan.holds_gradients and self.replicas is None:
+            held: list[HeldShard] = []
+            measured = self._backward(micro_batches, forward, step, lr_scale, clock, update=False, held=held)
+            grad_norm = measured.squared_norm**0.5
             grad_scale = min(1.0, self.optim.max_grad_norm / (grad_norm + 1e-6))
-        result = self._backward(micro_batches, forward, step, lr_scale, clock, update=True, grad_scale=grad_scale)
+            ortho = max((self._finish_shard(h.name, h.layer, h.tensors, h.params, step, lr_scale, True, grad_scale,
+                                            clock) for h in held), default=0.0)
+            result = BackwardResult(loss=measured.loss, ortho_err=ortho, squared_norm=measured.squared_norm)
+        else:
+            if self.optim.max_grad_norm is not None:
+                measured = self._backward(micro_batches, forward, step, lr_scale, clock, update=False)
+                squared = measured.squared_norm
+                squared = squared if self.replicas is None else self.replicas.total(squared)
+                grad_norm = squared**0.5
+                grad_scale = min(1.0, self.optim.max_grad_norm / (grad_norm + 1e-6))
+            result = self._backward(micro_batches, forward, step, lr_scale, clock, update=True,
+                                    grad_scale=grad_scale)
         self.pager.drain_writes(clock)
         accounted = sum(clock.seconds.values())
         clock.seconds["other"] = max(0.0, time.perf_counter() - started - accounted)
@@ -363,7 +393,7 @@ class Engine:
         return ForwardPass(boundaries, graphs)
 
     def _head_backward(self, micro_batches, top: list[Tensor], clock: PhaseClock, step, lr_scale, update,
-                       grad_scale) -> tuple[list[Tensor], float, float, dict[str, Tensor] | None]:
+                       grad_scale, held) -> tuple[list[Tensor], float, float, dict[str, Tensor] | None]:
         """Loss at the head: d loss / d top hidden state per micro-batch, the loss, the grad² sum, and, with a
         tied head, the embedding's gradient from the head (it completes through the lookup at the end)."""
         if self.workload == "hidden-sum":
@@ -400,14 +430,16 @@ class Engine:
             if p.grad is None:  # every micro-batch was skipped: nothing counted, nothing moves
                 p.grad = torch.zeros_like(p)
         clock.add("backward", since)
-        done = self._shard_done("head", None, head, params, step, lr_scale, update, grad_scale, clock)
+        done = self._shard_done("head", None, head, params, step, lr_scale, update, grad_scale, clock, held)
         squared = 0.0 if update else done  # updating, `done` is the head's orthonormality error, not a norm
         tied_grads = None if tied is None else {k: v.grad for k, v in tied.items()}
         return grads_out, total, squared, tied_grads
 
-    def _shard_done(self, name, layer, tensors, params, step, lr_scale, update, grad_scale, clock) -> float:
+    def _shard_done(self, name, layer, tensors, params, step, lr_scale, update, grad_scale, clock,
+                    held: list[HeldShard] | None = None) -> float:
         """A shard's local gradients are complete. Updating: its orthonormality error after the update; measuring:
-        its squared gradient norm. Across replicas both arrive through `ReplicaSync.drain` instead (0 here)."""
+        its squared gradient norm, and with `held` the shard stays out with its gradients, appended there for
+        the update. Across replicas both arrive through `ReplicaSync.drain` instead (0 here)."""
         if self.replicas is not None:
             finish = None
             if update:
@@ -420,7 +452,10 @@ class Engine:
         if update:
             return self._finish_shard(name, layer, tensors, params, step, lr_scale, True, grad_scale, clock)
         squared = sum(float(p.grad.pow(2).sum()) for p in params.values())
-        self.pager.put(name, tensors, modified=False)
+        if held is not None:
+            held.append(HeldShard(name, layer, tensors, params))
+        else:
+            self.pager.put(name, tensors, modified=False)
         return squared
 
     def _finish_shard(self, name, layer, tensors, params, step, lr_scale, update, grad_scale, clock) -> float:
@@ -451,12 +486,15 @@ class Engine:
         return ortho
 
     def _backward(
-        self, micro_batches, forward: ForwardPass, step, lr_scale, clock, update: bool, grad_scale: float = 1.0
+        self, micro_batches, forward: ForwardPass, step, lr_scale, clock, update: bool, grad_scale: float = 1.0,
+        held: list[HeldShard] | None = None,
     ) -> BackwardResult:
-        """Reverse pass. With update=False nothing changes: it only measures the squared global gradient norm."""
+        """Reverse pass. With update=False nothing changes: it only measures the squared global gradient norm,
+        and with `held` it is the step's only pass: every shard and its gradients go there for the update."""
         boundaries = forward.boundaries
         grads, loss, squared, tied_grads = self._head_backward(micro_batches, boundaries[-1], clock, step, lr_scale,
-                                                               update, grad_scale)
+                                                               update, grad_scale, held)
+        last_pass = update or held is not None
         ortho = 0.0
         rope = self._rope(0, boundaries[-1][0].shape[1])
         order = list(range(self.n_layers))[::-1]
@@ -468,13 +506,13 @@ class Engine:
             self.pager.emit_state(name, "computing")
             if i in forward.graphs:
                 clock.enter("backward", i)
-                # The measuring pass (update=False) leaves the graph for the updating pass.
-                graph = forward.graphs.pop(i) if update else forward.graphs[i]
+                # A measuring pass followed by an updating one leaves the graph for it.
+                graph = forward.graphs.pop(i) if last_pass else forward.graphs[i]
                 params = graph.params
                 for p in list(params.values()) + graph.inputs:
                     p.grad = None
                 for out, g in zip(graph.outputs, grads, strict=True):
-                    out.backward(g, retain_graph=not update)
+                    out.backward(g, retain_graph=not last_pass)
                 grads = [h.grad for h in graph.inputs]
             else:
                 if boundaries[i] is None:
@@ -492,7 +530,7 @@ class Engine:
                     new_grads.append(h.grad)
                 grads = new_grads
             since = clock.add("backward", since)
-            done = self._shard_done(name, i, tensors, params, step, lr_scale, update, grad_scale, clock)
+            done = self._shard_done(name, i, tensors, params, step, lr_scale, update, grad_scale, clock, held)
             ortho, squared = (max(ortho, done), squared) if update else (ortho, squared + done)
             del params, tensors
         if self.workload == "lm":
@@ -506,7 +544,7 @@ class Engine:
                 for k, g in tied_grads.items():
                     params[k].grad += g
             clock.add("backward", since)
-            done = self._shard_done("embed", None, embed, params, step, lr_scale, update, grad_scale, clock)
+            done = self._shard_done("embed", None, embed, params, step, lr_scale, update, grad_scale, clock, held)
             ortho, squared = (max(ortho, done), squared) if update else (ortho, squared + done)
         if self.replicas is not None:
             since = time.perf_counter()

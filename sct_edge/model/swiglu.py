@@ -27,30 +27,41 @@ from sct_edge.model import accounting
 
 
 class SpectralSwiGLU(torch.autograd.Function):
-    """y = (silu(x W_gᵀ) * (x W_uᵀ)) W_dᵀ for spectral W = U diag(s) Vᵀ, over FFN slices (see the module)."""
+    """y = (silu(x W_gᵀ) * (x W_uᵀ)) W_dᵀ for spectral W = U diag(s) Vᵀ, over FFN slices (see the module).
+
+    The products run in `dtype` (bfloat16 under the engine's autocast, which does not reach inside a custom
+    Function); the rank-wide sums over slices (down's accumulator and gate's and up's input gradients)
+    accumulate in float32 or wider, and every gradient is returned in its input's dtype.
+    """
 
     @staticmethod
-    def forward(ctx, x, U_g, s_g, V_g, U_u, s_u, V_u, U_d, s_d, V_d, chunk):  # noqa: N803 (the factors' names)
+    def forward(ctx, x, U_g, s_g, V_g, U_u, s_u, V_u, U_d, s_d, V_d, chunk, dtype):  # noqa: N803 (the factors' names)
+        inputs = (x, U_g, s_g, V_g, U_u, s_u, V_u, U_d, s_d, V_d)
+        ctx.input_dtypes = [t.dtype for t in inputs]
+        x, U_g, s_g, V_g, U_u, s_u, V_u, U_d, s_d, V_d = (t.to(dtype) for t in inputs)  # noqa: N806
         x_g, x_u = x @ U_g, x @ U_u  # tokens × k: what backward recomputes the slices from
         a_g, a_u = x_g * s_g, x_u * s_u
-        acc = x.new_zeros(x.shape[0], U_d.shape[1])
+        acc = x.new_zeros(x.shape[0], U_d.shape[1], dtype=_accumulator(dtype))
         for c in range(0, V_g.shape[0], chunk):
             p = F.silu(a_g @ V_g[c : c + chunk].T).mul_(a_u @ V_u[c : c + chunk].T)
-            acc.addmm_(p, U_d[c : c + chunk])
+            acc.add_(p @ U_d[c : c + chunk])
         ctx.save_for_backward(x, x_g, x_u, acc, U_g, s_g, V_g, U_u, s_u, V_u, U_d, s_d, V_d)
         ctx.chunk = chunk
-        return (acc * s_d) @ V_d.T
+        return (acc.to(dtype) * s_d) @ V_d.T
 
     @staticmethod
     def backward(ctx, grad_y):
         x, x_g, x_u, acc, U_g, s_g, V_g, U_u, s_u, V_u, U_d, s_d, V_d = ctx.saved_tensors  # noqa: N806
+        dtype = x.dtype
+        grad_y = grad_y.to(dtype)
         a_g, a_u = x_g * s_g, x_u * s_u
-        grad_V_d = grad_y.T @ (acc * s_d)
+        acc_c = acc.to(dtype)
+        grad_V_d = grad_y.T @ (acc_c * s_d)
         b = grad_y @ V_d
-        grad_s_d = (b * acc).sum(0)
+        grad_s_d = (b * acc_c).sum(0)
         grad_acc = b * s_d
         grad_U_d, grad_V_g, grad_V_u = torch.empty_like(U_d), torch.empty_like(V_g), torch.empty_like(V_u)
-        grad_a_g, grad_a_u = torch.zeros_like(a_g), torch.zeros_like(a_u)
+        grad_a_g, grad_a_u = torch.zeros_like(acc), torch.zeros_like(acc)  # rank-wide, like acc
         for c in range(0, V_g.shape[0], ctx.chunk):
             cols = slice(c, c + ctx.chunk)
             g = a_g @ V_g[cols].T
@@ -62,14 +73,20 @@ class SpectralSwiGLU(torch.autograd.Function):
             grad_g = torch.ops.aten.silu_backward(grad_p.mul_(u), g)  # the kernel F.silu's autograd uses
             torch.mm(grad_u.T, a_u, out=grad_V_u[cols])
             torch.mm(grad_g.T, a_g, out=grad_V_g[cols])
-            grad_a_u.addmm_(grad_u, V_u[cols])
-            grad_a_g.addmm_(grad_g, V_g[cols])
+            grad_a_u.add_(grad_u @ V_u[cols])
+            grad_a_g.add_(grad_g @ V_g[cols])
+        grad_a_g, grad_a_u = grad_a_g.to(dtype), grad_a_u.to(dtype)
         grad_s_g, grad_s_u = (grad_a_g * x_g).sum(0), (grad_a_u * x_u).sum(0)
         grad_x_g, grad_x_u = grad_a_g * s_g, grad_a_u * s_u
         grad_x = grad_x_g @ U_g.T + grad_x_u @ U_u.T
         grad_U_g, grad_U_u = x.T @ grad_x_g, x.T @ grad_x_u
-        return (grad_x, grad_U_g, grad_s_g, grad_V_g, grad_U_u, grad_s_u, grad_V_u, grad_U_d, grad_s_d, grad_V_d,
-                None)
+        grads = (grad_x, grad_U_g, grad_s_g, grad_V_g, grad_U_u, grad_s_u, grad_V_u, grad_U_d, grad_s_d, grad_V_d)
+        return (*(g.to(d) for g, d in zip(grads, ctx.input_dtypes, strict=True)), None, None)
+
+
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    """Sums over FFN slices: float32 for half-precision products, the products' own dtype otherwise."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def slices_pay_off(x: Tensor, ffn: int) -> bool:
@@ -78,7 +95,13 @@ def slices_pay_off(x: Tensor, ffn: int) -> bool:
 
 
 def spectral_swiglu(x: Tensor, gate, up, down, chunk: int = accounting.MLP_SLICE_COLUMNS) -> Tensor:
-    """down(silu(gate(x)) * up(x)) for spectral gate, up and down (U, s, V each), over FFN slices; x is (…, dim)."""
+    """down(silu(gate(x)) * up(x)) for spectral gate, up and down (U, s, V each), over FFN slices; x is (…, dim).
+
+    Under autocast the products take autocast's dtype, as a plain composition's would."""
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     flat = x.reshape(-1, x.shape[-1])
-    y = SpectralSwiGLU.apply(flat, gate.U, gate.s, gate.V, up.U, up.s, up.V, down.U, down.s, down.V, chunk)
+    with torch.autocast(device, enabled=False):
+        y = SpectralSwiGLU.apply(flat, gate.U, gate.s, gate.V, up.U, up.s, up.V, down.U, down.s, down.V, chunk,
+                                 dtype)
     return y.view(*x.shape[:-1], y.shape[-1])

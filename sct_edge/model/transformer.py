@@ -71,6 +71,8 @@ def rope_tables(config: ModelConfig, positions: Tensor) -> tuple[Tensor, Tensor]
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # In x's dtype: under bfloat16 autocast the float32 tables would promote q and k back to float32.
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
@@ -181,7 +183,9 @@ class Embedding(nn.Module):
     def forward(self, tokens: Tensor) -> Tensor:
         if self.rank is None:
             return F.embedding(tokens, self.weight)
-        return (F.embedding(tokens, self.U) * self.s) @ self.V.T
+        # The residual stream starts here and stays float32 under bfloat16 autocast, as with a dense lookup.
+        with torch.autocast(tokens.device.type, enabled=False):
+            return (F.embedding(tokens, self.U) * self.s) @ self.V.T
 
     def as_head(self, h: Tensor) -> Tensor:
         return tied_head_logits(dict(self.named_parameters()), h)

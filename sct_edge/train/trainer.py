@@ -257,7 +257,7 @@ class Trainer:
         # Per-step exchange across replicas holds buckets in flight; DiLoCo replicas exchange between steps.
         exchanging = self.world.size if run.sync_every == 1 else 1
         plan = make_plan(config, profile, settings["batch"], seq, settings["micro_batches"], "lm",
-                         replicas=exchanging, grad_dtype=run.grad_dtype)
+                         replicas=exchanging, grad_dtype=run.grad_dtype, clip=settings["clip"] is not None)
         configure_process(ProcessSettings(malloc=plan.malloc))
         corpus = prepare_training_data(
             [Path(p) for p in settings["data"]] or None, tokenizer, path.with_name(path.name + ".tokens"), seq,
@@ -298,7 +298,7 @@ class Trainer:
                 budget_bytes=profile.memory_budget, batch=settings["batch"], seq=seq,
                 micro_batches=settings["micro_batches"], workload="lm", total_steps=total, start_step=store.step,
                 n_blocks=store.config.n_layers, resident_blocks=plan.resident_blocks,
-                prefetch_depth=plan.prefetch_depth, activations=plan.activations,
+                prefetch_depth=plan.prefetch_depth, activations=plan.activations, clip=settings["clip"],
                 predicted_peak_bytes=plan.predicted_peak_bytes, corpus=corpus.describe(),
                 rank=self.world.rank, world_size=self.world.size,
                 data=corpus.summary(), defaults=self.defaults_used, notes=[eval_note] if eval_note else [],
@@ -341,9 +341,11 @@ class Trainer:
 
     def _loop(self, store, engine, sampler, corpus, settings, total, seq, commit_every, policy, plan) -> str:
         events, control, run = self.events, self.control, self.run_config
-        # MFU on the progress line: model FLOPs over this machine's fp32 GEMM peak, measured once here on the
-        # two smaller product sizes (a fraction of a second; `sct-edge bench step` measures all three).
-        peak = gemm_peak(self.profile.usable_threads(), sizes=PEAK_SIZES[:2]).flops_per_s
+        # MFU on the progress line: model FLOPs over this machine's GEMM peak in the profile's compute dtype,
+        # measured once here on the two smaller product sizes (a fraction of a second; `sct-edge bench step`
+        # measures all three).
+        peak = gemm_peak(self.profile.usable_threads(), sizes=PEAK_SIZES[:2],
+                         dtype=self.profile.compute_dtype).flops_per_s
         started = time.monotonic()
         step = first_step = store.step
         last_commit = last_eval = step
