@@ -292,6 +292,8 @@ def test_the_logits_working_set_is_one_loss_chunk_not_the_whole_batch():
     head = count_params(config).head.stored
     assert short.logits_bytes == 64 * config.vocab_size * 12 + 4 * head
     assert long.logits_bytes == chunk * config.vocab_size * 12 + 4 * head < 4 * 2048 * config.vocab_size * 12
+    bf16 = make_plan(config, profile("100GiB", compute_dtype="bfloat16"), batch=4, seq=2048)
+    assert bf16.logits_bytes == chunk * config.vocab_size * 14 + 6 * head  # bf16 logits, the head cast once
 
 
 def test_hidden_state_tensors_come_from_the_heap_only_when_nothing_is_paged_and_the_slack_fits():

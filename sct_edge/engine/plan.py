@@ -23,9 +23,10 @@ What RAM holds during a step (the terms of `MemoryPlan`):
   and only a paged block is recomputed.
 - the logits working set ("lm"): the loss is taken a chunk of tokens at a time (`sct_edge/model/loss.py`),
   so one chunk's float32 logits, log-softmax and their gradient (3 × chunk × vocab × 4 B, plus the
-  compute-dtype logits when that is not float32) and the head's gradient of that chunk before it is
-  added to the accumulated one. The loss is done before the first block's backward starts, so the peak
-  counts the larger of this and a block's backward (its gradients and working set), not both.
+  compute-dtype logits and the head's matrices cast once when that is not float32) and the head's gradient
+  of that chunk before it is added to the accumulated one. The loss is done before the first block's backward
+  starts, so the peak counts the larger of this and a block's backward (its gradients and working set), not
+  both.
 - the runtime: `RUNTIME_OVERHEAD_BYTES` for the Python + torch process itself.
 - malloc's heap slack, only when nothing is paged and the budget has room for it: the hidden-state-sized
   tensors of a step (a block's input, q, the attention output, their gradients) are then served from malloc's
@@ -394,8 +395,8 @@ def _step_costs(
 def logits_working_set(config: ModelConfig, tokens: int, head_params: int, act_bytes: int) -> int:
     """Bytes the chunked loss holds at once for a micro-batch of `tokens` tokens (see the module docstring)."""
     chunk = min(tokens, chunk_tokens_for(config.vocab_size))
-    per_logit = 3 * FP32 + (act_bytes if act_bytes != FP32 else 0)
-    return chunk * config.vocab_size * per_logit + head_params * FP32
+    cast = act_bytes if act_bytes != FP32 else 0
+    return chunk * config.vocab_size * (3 * FP32 + cast) + head_params * (FP32 + cast)
 
 
 def minimum_budget(

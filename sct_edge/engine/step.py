@@ -160,8 +160,9 @@ class Engine:
         # The profile's compute dtype: bfloat16 runs every block's and the head's products under autocast
         # (bfloat16 GEMMs on fp32 weights, which stay the master copy); the loss, AdamW and the retraction
         # stay float32.
+        self.compute_dtype = getattr(torch, plan.compute_dtype)
         self.autocast = partial(torch.autocast, self.device.type, dtype=torch.bfloat16,
-                                enabled=plan.compute_dtype == "bfloat16")
+                                enabled=self.compute_dtype == torch.bfloat16)
         self.n_layers = self.config.n_layers
         self.templates = [Block(self.config, i, device="meta") for i in range(self.n_layers)]
         self.embed_template = build_embedding(self.config, device="meta")
@@ -408,6 +409,9 @@ class Engine:
         tied = None if embed is None else {k: v.detach().requires_grad_() for k, v in embed.items()}
         grads_out, total = [], 0.0
         chunk = chunk_tokens_for(self.config.vocab_size)
+        # bfloat16 compute: the head's matrices cast once for every chunk (autocast would cast them per chunk).
+        head_in_compute_dtype = [None if t is None else {k: v.to(self.compute_dtype) if v.ndim == 2 else v
+                                                          for k, v in t.items()} for t in (params, tied)]
         # The loss is the mean over the step's counted targets, whichever micro-batch they are in; a step with
         # none (every answer cut off) has loss 0 and zero gradients rather than NaN.
         counted = counted_targets(micro_batches)
@@ -417,7 +421,7 @@ class Engine:
                 grads_out.append(torch.zeros_like(h))
                 continue
             # A few hundred tokens' logits at a time, never batch × seq × vocab (sct_edge/model/loss.py).
-            logits = partial(self._logits, params, tied)
+            logits = partial(self._logits, *head_in_compute_dtype)
             if y.is_floating_point():
                 # Distilling, the teacher's and the student's logits of a chunk are alive together: half the
                 # tokens a chunk keep the plan's logit working set.
