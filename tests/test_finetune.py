@@ -149,4 +149,4 @@ def test_imported_store_gets_fine_tuning_defaults(tmp_path):
     # Flags win: --warmup and --steps were given, the rest came from the fine-tuning defaults.
     assert start.defaults == {"name": FINE_TUNING.name, "lr_spectral": FINE_TUNING.lr_spectral,
                               "lr_dense": FINE_TUNING.lr_dense, "min_lr_ratio": FINE_TUNING.min_lr_ratio}
-    assert "fine-tuning defaults: lr_spectral 0.0002" in result.stderr + result.stdout
+    assert "fine-tuning defaults: lr_spectral 2e-05" in result.stderr + result.stdout

@@ -7,6 +7,13 @@ warmup and a decay to zero, as fine-tuning recipes do (MLX-LM, torchtune, TRL al
 1e-5..2e-4 for full fine-tuning with a few percent of warmup). A new store (random initialisation) gets the
 from-scratch schedule. Every flag given on the command line wins over both; `run` reports which defaults it
 used in its start event and on its first line.
+
+The spectral factors of a pretrained import take a tenth of what they take from scratch's ratio to the dense
+rate: Adam moves every entry of U and V by about the learning rate a step, whatever its gradient, and each of
+those entries carries a whole singular value. On SmolLM2-135M-Instruct imported with calibration (ratio 1.0),
+fine-tuned on Python documentation at 4 × 256 tokens, the validation loss after 20 steps was 3.060 at 2e-4,
+2.606 at 5e-5, 2.575 at 2e-5 and 2.604 at 1e-5 (the training loss rose over the first ten steps at 2e-4);
+after 60 steps at 2e-5, 2.494 against dense fine-tuning's 2.282 (docs/import-export.md).
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ class ScheduleDefaults:
 
 
 FROM_SCRATCH = ScheduleDefaults("from scratch", lr_spectral=1e-2, lr_dense=3e-3, warmup=30, min_lr_ratio=0.1, steps=600)
-FINE_TUNING = ScheduleDefaults("fine-tuning", lr_spectral=2e-4, lr_dense=1e-4, warmup=5, min_lr_ratio=0.0, steps=60)
+FINE_TUNING = ScheduleDefaults("fine-tuning", lr_spectral=2e-5, lr_dense=1e-4, warmup=5, min_lr_ratio=0.0, steps=60)
 
 
 def schedule_defaults(extra: dict | None) -> ScheduleDefaults:
