@@ -120,7 +120,7 @@ class StepEvent(Event, MemoryReading):
     eta_s: float
     comm_s: float = 0.0  # across replicas: seconds the step waited for the gradient exchange
     comm_bytes: int = 0  # across replicas: payload bytes this rank sent in the step
-    mfu: float | None = None  # model FLOPs a second over the fp32 GEMM peak measured at the run's start
+    mfu: float | None = None  # model FLOPs a second over the GEMM peak (compute dtype) measured at the run's start
 
 
 @dataclass(kw_only=True)
