@@ -39,7 +39,9 @@ from sct_edge.train.schedule_defaults import lr_scale
 @dataclass
 class DistillConfig:
     steps: int = 100
-    lr: float = 1e-4  # AdamW's on U, s and V: below fine-tuning's 2e-4, the start is already close to the teacher
+    # AdamW's on U, s and V, as fine-tuning's (`schedule_defaults.FINE_TUNING`): on SmolLM2 at ratio 1.0, 32,768
+    # calibration tokens, 100 steps took the KL from 0.214 to 0.084 nats a token at 2e-5, to only 0.165 at 1e-4.
+    lr: float = 2e-5
     batch_tokens: int = 1024  # tokens a step: whole calibration sequences, drawn at random
     warmup: int = 10  # steps of linear warm-up: Adam's first steps on a converged start overshoot without it
     seed: int = 0
