@@ -459,6 +459,8 @@ class Engine:
         if held is not None:
             held.append(HeldShard(name, layer, tensors, params))
         else:
+            for p in params.values():
+                p.grad = None  # a kept graph's parameters live on to the updating pass; their gradients need not
             self.pager.put(name, tensors, modified=False)
         return squared
 
@@ -518,6 +520,8 @@ class Engine:
                 for out, g in zip(graph.outputs, grads, strict=True):
                     out.backward(g, retain_graph=not last_pass)
                 grads = [h.grad for h in graph.inputs]
+                for h in graph.inputs:
+                    h.grad = None  # passed on below; the kept graph need not hold it too
             else:
                 if boundaries[i] is None:
                     clock.enter("spill", i)
