@@ -10,12 +10,11 @@ load drift.
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sct_edge.engine.profile import compute_autocast
 from sct_edge.model.config import ModelConfig
 from sct_edge.model.transformer import Transformer
 
@@ -27,7 +26,7 @@ class PlainLoop:
                  compute_dtype: str = "float32") -> None:
         self.model = Transformer(config, spectral=False, seed=seed)
         self.clip = clip
-        self.autocast = partial(torch.autocast, "cpu", dtype=torch.bfloat16, enabled=compute_dtype == "bfloat16")
+        self.autocast = compute_autocast("cpu", compute_dtype)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, foreach=True)
 
     def step(self, micro_batches: list[tuple[Tensor, Tensor]]) -> float:

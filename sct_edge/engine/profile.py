@@ -19,6 +19,7 @@ import re
 import sys
 import tomllib
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -120,6 +121,13 @@ class Profile:
         compute threads than cores only contend (measured on 2 cores: 4 threads made the tiny step 2x slower).
         """
         return max(1, min(wanted or self.threads, available_cores()))
+
+
+def compute_autocast(device_type: str, compute_dtype: str):
+    """A context factory for a profile's compute dtype: bfloat16 autocast on `device_type`, or a disabled one."""
+    import torch  # here, not at the top: memcalc reads profiles without torch
+
+    return partial(torch.autocast, device_type, dtype=torch.bfloat16, enabled=compute_dtype == "bfloat16")
 
 
 def available_cores() -> int:

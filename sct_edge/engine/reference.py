@@ -7,13 +7,12 @@ Adam moment against it, and `sct-edge bench step` times it in the same invocatio
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from sct_edge.engine.adamw import OptimConfig, is_orthonormal_factor, torch_param_groups
+from sct_edge.engine.profile import compute_autocast
 from sct_edge.model.retraction import householder_retraction
 from sct_edge.model.transformer import Transformer, rope_tables
 
@@ -23,7 +22,7 @@ class InMemoryStep:
                  compute_dtype: str = "float32") -> None:
         self.model = model
         # As the engine: bfloat16 compute runs the forward (and so its backward) under autocast.
-        self.autocast = partial(torch.autocast, "cpu", dtype=torch.bfloat16, enabled=compute_dtype == "bfloat16")
+        self.autocast = compute_autocast("cpu", compute_dtype)
         self.optim_config = optim
         self.workload = workload
         named = [(n, p) for n, p in model.named_parameters() if workload == "lm" or n.startswith("layers.")]

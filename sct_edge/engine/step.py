@@ -49,6 +49,7 @@ from sct_edge.engine.adamw import OptimConfig, adamw_update, is_orthonormal_fact
 from sct_edge.engine.clock import PhaseClock
 from sct_edge.engine.pager import Pager
 from sct_edge.engine.plan import MemoryPlan
+from sct_edge.engine.profile import compute_autocast
 from sct_edge.engine.spill import ActivationSpill
 from sct_edge.events import EventSink
 from sct_edge.model.accounting import chunk_tokens_for
@@ -161,8 +162,7 @@ class Engine:
         # (bfloat16 GEMMs on fp32 weights, which stay the master copy); the loss, AdamW and the retraction
         # stay float32.
         self.compute_dtype = getattr(torch, plan.compute_dtype)
-        self.autocast = partial(torch.autocast, self.device.type, dtype=torch.bfloat16,
-                                enabled=self.compute_dtype == torch.bfloat16)
+        self.autocast = compute_autocast(self.device.type, plan.compute_dtype)
         self.n_layers = self.config.n_layers
         self.templates = [Block(self.config, i, device="meta") for i in range(self.n_layers)]
         self.embed_template = build_embedding(self.config, device="meta")
@@ -284,23 +284,20 @@ class Engine:
         forward = self._forward(micro_batches, clock)
         grad_norm = None
         grad_scale = 1.0
-        if self.optim.max_grad_norm is not None and self.plan.holds_gradients and self.replicas is None:
-            held: list[HeldShard] = []
+        clipping = self.optim.max_grad_norm is not None
+        # Held: the measuring pass is the only backward, and every shard waits for its update.
+        held: list[HeldShard] | None = [] if clipping and self.plan.holds_gradients and self.replicas is None else None
+        if clipping:
             measured = self._backward(micro_batches, forward, step, lr_scale, clock, update=False, held=held)
-            grad_norm = measured.squared_norm**0.5
+            squared = measured.squared_norm if self.replicas is None else self.replicas.total(measured.squared_norm)
+            grad_norm = squared**0.5
             grad_scale = min(1.0, self.optim.max_grad_norm / (grad_norm + 1e-6))
+        if held is not None:
             ortho = max((self._finish_shard(h.name, h.layer, h.tensors, h.params, step, lr_scale, True, grad_scale,
                                             clock) for h in held), default=0.0)
             result = BackwardResult(loss=measured.loss, ortho_err=ortho, squared_norm=measured.squared_norm)
         else:
-            if self.optim.max_grad_norm is not None:
-                measured = self._backward(micro_batches, forward, step, lr_scale, clock, update=False)
-                squared = measured.squared_norm
-                squared = squared if self.replicas is None else self.replicas.total(squared)
-                grad_norm = squared**0.5
-                grad_scale = min(1.0, self.optim.max_grad_norm / (grad_norm + 1e-6))
-            result = self._backward(micro_batches, forward, step, lr_scale, clock, update=True,
-                                    grad_scale=grad_scale)
+            result = self._backward(micro_batches, forward, step, lr_scale, clock, update=True, grad_scale=grad_scale)
         self.pager.drain_writes(clock)
         accounted = sum(clock.seconds.values())
         clock.seconds["other"] = max(0.0, time.perf_counter() - started - accounted)
