@@ -370,7 +370,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, model_dir, capsys):
     cases = [
         (["--rank", "4", "--calibrate", str(tmp_path / "missing.txt")], "missing.txt: no such calibration text file"),
         (["--rank", "4", "--calibrate", str(tmp_path / "empty.txt")], "empty.txt: the calibration text is empty"),
-        (["--rank", "4", "--calibrate", str(tmp_path / "short.txt")], "tokens of calibration text, fewer than"),
+        (["--rank", "4", "--calibrate", str(tmp_path / "short.txt")], "whole sequences of 64, fewer than the 256"),
         (["--params-ratio", "0", "--calibrate", str(tmp_path / "calib.txt")], "--params-ratio must be in (0, 1]"),
         (["--params-ratio", "1.2"], "--params-ratio must be in (0, 1]"),
         (["--rank", "4", "--recover-steps", "3"], "--recover-steps needs --calibrate"),
@@ -400,8 +400,48 @@ def test_calibration_text_is_whole_sequences_with_digests(tmp_path, model_dir):
     source = open_source(directory)
     text = calibration_text([tmp_path / "calib.txt"], source.tokenizer, 100, 32)
     assert text.tokens.shape == (3, 32) and text.n_tokens == 96
-    assert text.tokens.flatten().tolist() == source.tokenizer.encode(CALIB_TEXT)[:96]
+    ids = source.tokenizer.encode(CALIB_TEXT)
+    last = len(ids) - 32
+    assert [row.tolist() for row in text.tokens] == [ids[:32], ids[last // 2 : last // 2 + 32], ids[last:]]
     assert text.files[0]["sha256"] == hashlib.sha256(CALIB_TEXT.encode()).hexdigest()
+
+
+def test_calibration_sequences_come_from_every_file(tmp_path, model_dir):
+    """Two files share the sequences equally; a file too short for its share gives the rest to the other."""
+    directory, _, _ = model_dir
+    source = open_source(directory)
+    (tmp_path / "short.txt").write_text("A short text, room for one sequence.")
+    short_ids = source.tokenizer.encode((tmp_path / "short.txt").read_text())
+    long_ids = source.tokenizer.encode(CALIB_TEXT)
+    seq = len(short_ids)
+    assert len(long_ids) // seq >= 5
+    text = calibration_text([tmp_path / "calib.txt", tmp_path / "short.txt"], source.tokenizer, 4 * seq, seq)
+    rows = [row.tolist() for row in text.tokens]
+    assert rows[3] == short_ids  # the short file's one sequence; the long one takes the other three
+    assert rows[0] == long_ids[:seq] and rows[2] == long_ids[-seq:]
+    assert [f["path"] for f in text.files] == [str(tmp_path / "calib.txt"), str(tmp_path / "short.txt")]
+
+
+@pytest.mark.parametrize("total,capacities,expected", [
+    (6, [10, 10, 10], [2, 2, 2]),
+    (7, [10, 10, 10], [3, 2, 2]),
+    (7, [1, 10, 0], [1, 6, 0]),
+    (5, [2, 2, 1], [2, 2, 1]),
+])
+def test_equal_shares(total, capacities, expected):
+    from sct_edge.convert.calibration import equal_shares
+
+    assert equal_shares(total, capacities) == expected
+
+
+@pytest.mark.parametrize("length,seq_len,count", [(100, 10, 10), (101, 10, 3), (37, 5, 7), (64, 64, 1)])
+def test_spread_starts_do_not_overlap_and_reach_the_end(length, seq_len, count):
+    from sct_edge.convert.calibration import spread_starts
+
+    starts = spread_starts(length, seq_len, count)
+    assert len(starts) == count and starts[0] == 0
+    assert all(b - a >= seq_len for a, b in zip(starts, starts[1:]))
+    assert count == 1 or starts[-1] == length - seq_len
 
 
 def test_jsonl_calibration_reads_examples_as_run_does(tmp_path, model_dir):
@@ -412,8 +452,8 @@ def test_jsonl_calibration_reads_examples_as_run_does(tmp_path, model_dir):
     chat = {"messages": [{"role": "user", "content": "What is the capital of France?"},
                          {"role": "assistant", "content": "Paris."}]}
     (tmp_path / "calib.jsonl").write_text("\n".join(json.dumps(chat) for _ in range(40)) + "\n")
-    text = calibration_text([tmp_path / "calib.jsonl"], source.tokenizer, 64, 32, TEMPLATE)
-    decoded = source.tokenizer.decode(text.tokens.flatten().tolist(), skip_special_tokens=False)
+    text = calibration_text([tmp_path / "calib.jsonl"], source.tokenizer, 64, 64, TEMPLATE)
+    decoded = source.tokenizer.decode(text.tokens[0].tolist(), skip_special_tokens=False)
     assert decoded.startswith("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{not json\n')
     with pytest.raises(SctError, match="bad.jsonl:2"):

@@ -98,7 +98,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "text rather than its weights (and --energy is measured on outputs)",
     )
     calib.add_argument(
-        "--calib-tokens", type=int, default=16384, help="calibration tokens, from the start of the text (default 16384)"
+        "--calib-tokens",
+        type=int,
+        default=16384,
+        help="calibration tokens (default 16384), in whole sequences shared equally by the files and spread "
+        "evenly over each file's text",
     )
     calib.add_argument(
         "--calib-seq-len", type=int, default=512, help="tokens a calibration sequence (default 512, capped at the "

@@ -93,15 +93,17 @@ class CalibrationText:
 def calibration_text(
     paths: list[Path], tokenizer: Tokenizer, n_tokens: int, seq_len: int, chat_template: str | None = None
 ) -> CalibrationText:
-    """The first `n_tokens` tokens of the files' texts (joined by blank lines), as `n_tokens // seq_len`
-    sequences. A `.jsonl` file is read as `run` reads training data (text, prompt/completion or chat messages,
-    the latter rendered with `chat_template`) and each example's text is taken whole. A missing, unreadable,
+    """`n_tokens // seq_len` sequences of `seq_len` tokens drawn from every file: the files share the sequences
+    equally (one too short for its share gives the rest to the others), and each file's sequences are spread
+    evenly over its text, so a long or sorted text is sampled throughout rather than only at its head. A
+    `.jsonl` file is read as `run` reads training data (text, prompt/completion or chat messages, the latter
+    rendered with `chat_template`) and its examples' texts are joined by blank lines. A missing, unreadable,
     empty or non-UTF-8 file, or too little text for `n_tokens`, is a SctError naming it."""
     if seq_len < 2:
         raise SctError(f"the calibration sequence length must be at least 2, not {seq_len}")
     if n_tokens < seq_len:
         raise SctError(f"--calib-tokens must be at least one sequence ({seq_len} tokens), not {n_tokens}")
-    texts, files = [], []
+    streams, files = [], []
     for path in paths:
         path = Path(path)
         if not path.is_file():
@@ -119,18 +121,46 @@ def calibration_text(
             text = "\n\n".join(example_texts(path, tokenizer, chat_template))
         if not text.strip():
             raise SctError(f"{path}: the calibration text is empty")
-        texts.append(text)
+        streams.append(tokenizer.encode(text))
         files.append({"path": str(path.resolve()), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
-    ids = tokenizer.encode("\n\n".join(texts))
-    if len(ids) < n_tokens:
-        names = ", ".join(str(p) for p in paths)
-        raise SctError(
-            f"{names}: {len(ids):,} tokens of calibration text, fewer than the {n_tokens:,} asked for "
-            f"(give more text or a smaller --calib-tokens)"
-        )
     n_seq = n_tokens // seq_len
-    tokens = torch.tensor(ids[: n_seq * seq_len], dtype=torch.int64).view(n_seq, seq_len)
-    return CalibrationText(tokens, files)
+    capacities = [len(ids) // seq_len for ids in streams]
+    if sum(capacities) < n_seq:
+        names = ", ".join(str(p) for p in paths)
+        held = sum(len(ids) for ids in streams)
+        raise SctError(
+            f"{names}: {held:,} tokens of calibration text, room for {sum(capacities)} whole sequences of "
+            f"{seq_len}, fewer than the {n_seq} that --calib-tokens {n_tokens:,} asks for (give more text or a "
+            f"smaller --calib-tokens)"
+        )
+    sequences = []
+    for ids, count in zip(streams, equal_shares(n_seq, capacities), strict=True):
+        sequences += [ids[start : start + seq_len] for start in spread_starts(len(ids), seq_len, count)]
+    return CalibrationText(torch.tensor(sequences, dtype=torch.int64).view(n_seq, seq_len), files)
+
+
+def equal_shares(total: int, capacities: list[int]) -> list[int]:
+    """`total` split as equally as `capacities` allow: whatever a full one cannot take goes to the others, and
+    remainders to the first. Requires `sum(capacities) >= total`."""
+    shares = [0] * len(capacities)
+    open_ = [i for i, room in enumerate(capacities) if room > 0]
+    left = total
+    while left:
+        each, extra = divmod(left, len(open_))
+        for rank, i in enumerate(open_):
+            take = min(each + (rank < extra), capacities[i] - shares[i])
+            shares[i] += take
+            left -= take
+        open_ = [i for i in open_ if shares[i] < capacities[i]]
+    return shares
+
+
+def spread_starts(length: int, seq_len: int, count: int) -> list[int]:
+    """`count` non-overlapping window starts spread evenly over `length` tokens, the first at 0 and the last
+    ending at the end. Requires `count * seq_len <= length`."""
+    if count <= 1:
+        return [0] * count
+    return [j * (length - seq_len) // (count - 1) for j in range(count)]
 
 
 # ----------------------------------------------------------------------------------- one block's pieces
