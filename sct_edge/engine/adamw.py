@@ -53,6 +53,13 @@ def torch_param_groups(named_params: list[tuple[str, Tensor]], config: OptimConf
     return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
 
 
+# Elements a chunk when moments are widened (or gradients scaled) a piece at a time: small enough that the
+# float32 copies stay in cache between being written and read, large enough that the per-call overhead of
+# the fused kernel (tens of microseconds) is noise. A multiple of the kernel's vector width: its scalar tail
+# rounds differently, so only aligned chunks give the whole tensor's bits.
+CHUNK_ELEMENTS = 1 << 18
+
+
 def adamw_update(
     params: dict[str, Tensor],
     grads: dict[str, Tensor],
@@ -66,23 +73,67 @@ def adamw_update(
     """One AdamW step, in place, on the named tensors of one shard; `step` counts from 1.
 
     `grad_scale` multiplies the gradients first (global-norm clipping). Moments kept in a narrower dtype
-    (the profile's state dtype) are widened for the update and narrowed back in place.
+    (the profile's state dtype) are widened for the update and narrowed back in place. Either of those runs
+    `CHUNK_ELEMENTS` at a time through reused buffers, so no tensor-sized copy is ever allocated; the
+    arithmetic is element-wise, so the result is bit-for-bit the same as on whole tensors.
     """
     by_group: dict[tuple[float, float], list[str]] = {}
     for name in params:
         by_group.setdefault(param_group(name, config), []).append(name)
     for (lr, weight_decay), names in by_group.items():
-        ps = [params[n] for n in names]
-        gs = [grads[n] * grad_scale if grad_scale != 1.0 else grads[n] for n in names]
-        m1 = [exp_avg[n] if exp_avg[n].dtype == params[n].dtype else exp_avg[n].to(params[n].dtype) for n in names]
-        m2 = [exp_avg_sq[n] if exp_avg_sq[n].dtype == params[n].dtype else exp_avg_sq[n].to(params[n].dtype)
-              for n in names]
-        # torch increments the step tensors itself before using them.
-        steps = [torch.tensor(float(step - 1)) for _ in names]
-        adamw(ps, gs, m1, m2, [], steps, fused=ps[0].device.type in ("cpu", "cuda"), amsgrad=False,
-              beta1=config.beta1, beta2=config.beta2, lr=lr * lr_scale, weight_decay=weight_decay,
-              eps=config.eps, maximize=False)
-        for n, a, b in zip(names, m1, m2, strict=True):
-            if a is not exp_avg[n]:
-                exp_avg[n].copy_(a)
-                exp_avg_sq[n].copy_(b)
+        hyper = {"fused": params[names[0]].device.type in ("cpu", "cuda"), "amsgrad": False, "beta1": config.beta1,
+                 "beta2": config.beta2, "lr": lr * lr_scale, "weight_decay": weight_decay, "eps": config.eps,
+                 "maximize": False}
+        whole = [n for n in names if not _needs_copies(exp_avg[n], params[n], grad_scale)]
+        if whole:
+            adamw([params[n] for n in whole], [grads[n] for n in whole], [exp_avg[n] for n in whole],
+                  [exp_avg_sq[n] for n in whole], [], _step_tensors(step, len(whole)), **hyper)
+        chunked = [n for n in names if n not in whole]
+        if chunked:
+            _adamw_in_chunks([params[n] for n in chunked], [grads[n] for n in chunked],
+                             [exp_avg[n] for n in chunked], [exp_avg_sq[n] for n in chunked], step, grad_scale, hyper)
+
+
+def _needs_copies(m: Tensor, p: Tensor, grad_scale: float) -> bool:
+    """Whether the update has to copy: moments narrower than the parameter, or gradients to scale."""
+    return m.dtype != p.dtype or grad_scale != 1.0
+
+
+def _step_tensors(step: int, count: int) -> list[Tensor]:
+    # torch increments the step tensors itself before using them.
+    return [torch.tensor(float(step - 1)) for _ in range(count)]
+
+
+def _adamw_in_chunks(
+    ps: list[Tensor], gs: list[Tensor], m1: list[Tensor], m2: list[Tensor], step: int, grad_scale: float, hyper: dict
+) -> None:
+    """AdamW a chunk at a time: gradients scaled and moments widened into buffers of the parameters' dtype,
+    reused for every chunk, then the moments narrowed back. A tensor that is not contiguous (none of the
+    store's are) cannot be cut into flat chunks and is copied whole instead."""
+    longest = min(CHUNK_ELEMENTS, max(p.numel() for p in ps))
+    buffers = {}
+    for p, g, m, v in zip(ps, gs, m1, m2, strict=True):
+        if not all(t.is_contiguous() for t in (p, g, m, v)):
+            g = g * grad_scale if grad_scale != 1.0 else g
+            wide_m, wide_v = m.to(p.dtype), v.to(p.dtype)
+            adamw([p], [g], [wide_m], [wide_v], [], _step_tensors(step, 1), **hyper)
+            m.copy_(wide_m)
+            v.copy_(wide_v)
+            continue
+        if p.dtype not in buffers:
+            buffers[p.dtype] = [torch.empty(longest, dtype=p.dtype, device=p.device) for _ in range(3)]
+        g_buf, m_buf, v_buf = buffers[p.dtype]
+        flat = [t.view(-1) for t in (p, g, m, v)]
+        narrow = m.dtype != p.dtype
+        for start in range(0, p.numel(), CHUNK_ELEMENTS):
+            stop = min(start + CHUNK_ELEMENTS, p.numel())
+            pc, gc, mc, vc = (t[start:stop] for t in flat)
+            size = stop - start
+            if grad_scale != 1.0:
+                gc = torch.mul(gc, grad_scale, out=g_buf[:size])
+            if narrow:
+                mc, vc = m_buf[:size].copy_(mc), v_buf[:size].copy_(vc)
+            adamw([pc], [gc], [mc], [vc], [], _step_tensors(step, 1), **hyper)
+            if narrow:
+                flat[2][start:stop].copy_(mc)
+                flat[3][start:stop].copy_(vc)
