@@ -107,6 +107,22 @@ def test_everything_resident_under_a_huge_budget():
     )
 
 
+@pytest.mark.parametrize("batch,seq,paged,threads,expected", [
+    (1, 8, True, 2, 1),  # paged, few tokens: the I/O thread gets a core
+    (2, 32, True, 4, 3),
+    (1, 65, True, 2, 2),  # past SMALL_STEP_TOKENS the compute is worth the whole team
+    (1, 8, False, 2, 2),  # nothing paged: no I/O thread to make room for
+    (1, 8, True, 1, 1),
+])
+def test_a_small_paged_step_leaves_a_core_to_the_io_thread(batch, seq, paged, threads, expected):
+    config = get_preset("llama3-8b").with_ranks(RankPolicy.uniform(64))
+    full = make_plan(config, profile("100GiB"), batch, seq)
+    budget = full.predicted_peak_bytes - (10 * full.block_resident_bytes if paged else 0)
+    plan = make_plan(config, profile(f"{budget}B"), batch, seq)
+    assert plan.pages_blocks == paged
+    assert plan.compute_threads(threads) == expected
+
+
 def test_a_tight_budget_pages_and_costs_io():
     config = get_preset("llama3-8b").with_ranks(RankPolicy.uniform(64))
     full = make_plan(config, profile("100GiB"), 1, 8)

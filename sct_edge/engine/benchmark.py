@@ -177,7 +177,7 @@ def run_streamed(spec: BenchSpec) -> dict:
         create_s = time.perf_counter() - started
         plan = make_plan(config, profile, spec.batch, spec.seq, spec.micro_batches, spec.workload,
                          clip=spec.clip is not None)
-        configure_process(ProcessSettings(malloc=plan.malloc))
+        configure_process(ProcessSettings(threads=plan.compute_threads(torch.get_num_threads()), malloc=plan.malloc))
         engine = Engine(store, plan, OptimConfig(max_grad_norm=spec.clip), resolve_device(profile))
         times, results = timed_steps(spec, config, "streamed", engine.train_step)
         engine.close()

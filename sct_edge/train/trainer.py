@@ -258,7 +258,7 @@ class Trainer:
         exchanging = self.world.size if run.sync_every == 1 else 1
         plan = make_plan(config, profile, settings["batch"], seq, settings["micro_batches"], "lm",
                          replicas=exchanging, grad_dtype=run.grad_dtype, clip=settings["clip"] is not None)
-        configure_process(ProcessSettings(malloc=plan.malloc))
+        configure_process(ProcessSettings(threads=plan.compute_threads(torch.get_num_threads()), malloc=plan.malloc))
         corpus = prepare_training_data(
             [Path(p) for p in settings["data"]] or None, tokenizer, path.with_name(path.name + ".tokens"), seq,
             val_sources=[Path(p) for p in settings["val_data"]] or None,
