@@ -146,6 +146,45 @@ def test_clipping_with_every_gradient_held_is_one_backward_and_equals_the_refere
 
 
 @pytest.mark.parametrize("config_name", ["multi", "multi-tied-dense-embed"])
+def test_auto_keeps_the_last_graphs_the_budget_has_room_for_and_equals_the_reference(tmp_path, config_name):
+    config = CONFIGS[config_name]
+    optim = OptimConfig(lr_spectral=0.05, lr_dense=0.01, weight_decay=0.1)
+    store = Store.create(tmp_path / "store", config, seed=7)
+    ci = load_profile("ci")
+    recompute = make_plan(config, dataclasses.replace(ci, activations="recompute"), 2, 7, 2)
+    keep = make_plan(config, dataclasses.replace(ci, activations="keep"), 2, 7, 2)
+    per_graph = keep.kept_activation_bytes // config.n_layers
+    budget = recompute.predicted_peak_bytes + 2 * per_graph + per_graph // 2  # room for two graphs, not three
+    plan = make_plan(config, dataclasses.replace(ci, activations="auto", memory_budget=budget), 2, 7, 2)
+    assert (plan.activations, plan.kept_blocks) == ("recompute", 2) and config.n_layers > 2
+    assert plan.kept_layers == range(config.n_layers - 2, config.n_layers)
+    assert plan.predicted_peak_bytes == recompute.predicted_peak_bytes + 2 * per_graph <= budget
+    engine = Engine(store, plan, optim)
+    block_calls = 0
+    run_block = engine._block
+
+    def counting_block(*args, **kwargs):
+        nonlocal block_calls
+        block_calls += 1
+        return run_block(*args, **kwargs)
+
+    engine._block = counting_block
+    model = Transformer(config, seed=7)
+    reference = InMemoryStep(model, optim)
+    for step in (1, 2):
+        micro = batches(config, 2, seed=step)
+        block_calls = 0
+        result = engine.train_step(micro, step)
+        # Forward of every block and micro-batch, and backward recomputes all but the two kept blocks.
+        assert block_calls == 2 * config.n_layers + 2 * (config.n_layers - 2)
+        assert result.loss == pytest.approx(reference.step(micro), abs=1e-5)
+    engine.flush()
+    engine.close()
+    store.commit(2, {})
+    assert_store_matches(Store.open(tmp_path / "store"), model, reference, "lm")
+
+
+@pytest.mark.parametrize("config_name", ["multi", "multi-tied-dense-embed"])
 def test_bfloat16_compute_runs_the_products_in_bfloat16_and_equals_the_bfloat16_reference(tmp_path, config_name):
     config = CONFIGS[config_name]
     optim = OptimConfig(lr_spectral=1e-3, lr_dense=1e-3)

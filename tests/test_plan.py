@@ -220,7 +220,13 @@ def test_auto_activations_keep_exactly_when_everything_fits_with_kept_graphs():
     assert fits.predicted_peak_bytes == keep.predicted_peak_bytes and "activations keep (auto)" in fits.describe()[0]
     short = make_plan(config, profile(f"{keep.predicted_peak_bytes - 1}B", activations="auto"), 1, 64)
     recompute = make_plan(config, profile(f"{keep.predicted_peak_bytes - 1}B"), 1, 64)
-    assert short.activations == "recompute" and short.predicted_peak_bytes == recompute.predicted_peak_bytes
+    assert short.activations == "recompute" and recompute.kept_blocks == 0
+    # One byte short of every graph: all but one block keep theirs, on top of the recompute working set.
+    per_graph = keep.kept_activation_bytes // config.n_layers
+    assert short.kept_blocks == config.n_layers - 1 and short.kept_layers == range(1, config.n_layers)
+    assert short.predicted_peak_bytes == recompute.predicted_peak_bytes + short.kept_blocks * per_graph
+    assert short.predicted_peak_bytes <= keep.predicted_peak_bytes - 1
+    assert "kept forward graphs of the last 31 blocks" in "\n".join(short.describe())
     assert not make_plan(config, profile("100GiB"), 1, 64).activations_auto
 
 

@@ -20,7 +20,9 @@ What RAM holds during a step (the terms of `MemoryPlan`):
   current boundary for every micro-batch.
 - one block's backward working set (`block_saved_elements` + `backward_transient_elements`); with
   `activations = keep` each resident block also keeps its forward graph (its saved tensors) until backward,
-  and only a paged block is recomputed.
+  and only a paged block is recomputed. With `auto`, when every block is resident but not every graph fits,
+  the last blocks keep theirs as far as the budget's room goes (`kept_blocks`) and the others recompute: the
+  kept graphs are freed by the time backward reaches a recomputed block.
 - the logits working set ("lm"): the loss is taken a chunk of tokens at a time (`sct_edge/model/loss.py`),
   so one chunk's float32 logits, log-softmax and their gradient (3 × chunk × vocab × 4 B, plus the
   compute-dtype logits and the head's matrices cast once when that is not float32) and the head's gradient
@@ -179,7 +181,8 @@ class MemoryPlan:
     inflight_blocks: int  # buffers for paged blocks; 0 when nothing is paged
     boundary_activation_bytes: int
     boundary_grad_bytes: int
-    kept_activation_bytes: int  # resident blocks' forward graphs kept for backward (activations = keep)
+    kept_blocks: int  # blocks whose forward graph is kept for backward, not recomputed (see `kept_layers`)
+    kept_activation_bytes: int  # those blocks' forward graphs
     block_working_set_bytes: int
     logits_bytes: int
     runtime_overhead_bytes: int
@@ -234,6 +237,15 @@ class MemoryPlan:
     def resident_layers(self) -> range:
         """The layers kept in RAM for the whole run: the first `resident_blocks`."""
         return range(self.resident_blocks)
+
+    @property
+    def kept_layers(self) -> range:
+        """The blocks whose forward graph is kept for backward: with keep, every resident one; with auto and
+        only room for some, the last ones (backward reaches them first, so their graphs are gone before any
+        other block is recomputed)."""
+        if self.activations == "keep":
+            return range(self.resident_blocks)
+        return range(self.n_layers - self.kept_blocks, self.n_layers)
 
     @property
     def io_bytes_per_step(self) -> int:
@@ -293,8 +305,11 @@ class MemoryPlan:
             + (" (spilled to disk)" if self.activations == "spill" else "")
             + f"; boundary gradients {b(self.boundary_grad_bytes)}"
         )
-        if self.kept_activation_bytes:
+        if self.kept_activation_bytes and self.activations == "keep":
             lines.append(f"  kept forward graphs of resident blocks (keep): {b(self.kept_activation_bytes)}")
+        elif self.kept_activation_bytes:
+            lines.append(f"  kept forward graphs of the last {self.kept_blocks} blocks (the budget's room; the other "
+                         f"{self.n_layers - self.kept_blocks} recompute): {b(self.kept_activation_bytes)}")
         lines.append(f"  one block's backward working set: {b(self.block_working_set_bytes)}")
         if self.workload == "lm":
             lines.append(f"  logits working set: {b(self.logits_bytes)} (freed before any block's backward)")
@@ -343,7 +358,7 @@ class _StepCosts:
     transient: int
     cast: int
     logits: int
-    kept_per_block: int  # a resident block's kept forward graph (activations = keep)
+    kept_per_block: int  # a block's forward graph kept for backward (its saved tensors less its input)
 
     @property
     def base(self) -> int:
@@ -401,9 +416,9 @@ def _step_costs(
         logits=logits_working_set(config, batch * seq, count.head.stored or count.embed.stored,
                                   DTYPE_BYTES[profile.compute_dtype])
         if workload == "lm" else 0,
-        # With keep, a resident block holds its forward graph until backward (its input is a boundary
-        # activation already); a paged block always recomputes, since its weights leave RAM between the passes.
-        kept_per_block=micro_batches * (saved - boundary_tensor) if activations == "keep" else 0,
+        # A block that keeps its forward graph holds it until backward (its input is a boundary activation
+        # already); a paged block always recomputes, since its weights leave RAM between the passes.
+        kept_per_block=micro_batches * (saved - boundary_tensor),
     )
 
 
@@ -450,7 +465,8 @@ def resolve_activations(
 
 def _all_resident_bytes(costs: _StepCosts, n_layers: int, keep: bool) -> int:
     working = costs.transient + costs.cast + (0 if keep else costs.saved)
-    return costs.base + costs.phase_peak(working) + n_layers * (costs.block_bytes + costs.kept_per_block)
+    kept = costs.kept_per_block if keep else 0
+    return costs.base + costs.phase_peak(working) + n_layers * (costs.block_bytes + kept)
 
 
 def make_plan(
@@ -481,7 +497,7 @@ def make_plan(
     c = _step_costs(config, profile, batch, seq, micro_batches, workload, activations)
     n = config.n_layers
     keep = activations == "keep"
-    per_resident = c.block_bytes + c.kept_per_block
+    per_resident = c.block_bytes + (c.kept_per_block if keep else 0)
     budget = profile.memory_budget
     notes: list[str] = []
     if _all_resident_bytes(c, n, keep) <= budget:
@@ -524,6 +540,12 @@ def make_plan(
         # page by page; with no paging and room to spare they come from the heap and are reused instead.
         heap_limit, heap_slack = 2 * c.boundary_tensor, HEAP_SLACK_TENSORS * c.boundary_tensor
         peak += heap_slack
+    kept = resident if keep else 0
+    if profile.activations == "auto" and activations == "recompute" and resident == n and c.kept_per_block > 0:
+        # Not every graph fits (auto would have chosen keep), but some may: the last blocks keep theirs.
+        # Counted on top of the recompute working set, though backward frees them before it recomputes.
+        kept = min(n, max(0, budget - peak) // c.kept_per_block)
+        peak += kept * c.kept_per_block
 
     paged = c.block_stored[resident:]
     store_bytes = (sum(c.block_stored) + c.embed_head_params) * c.resident_per_param
@@ -564,7 +586,8 @@ def make_plan(
         inflight_blocks=inflight,
         boundary_activation_bytes=c.boundary,
         boundary_grad_bytes=c.boundary_grad,
-        kept_activation_bytes=resident * c.kept_per_block,
+        kept_blocks=kept,
+        kept_activation_bytes=kept * c.kept_per_block,
         block_working_set_bytes=working,
         logits_bytes=c.logits,
         runtime_overhead_bytes=RUNTIME_OVERHEAD_BYTES,

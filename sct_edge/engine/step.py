@@ -22,7 +22,8 @@ compute (`sct_edge/engine/pager.py`).
 
 With `activations = "keep"` (or `auto` when the plan finds room), resident blocks keep their forward graph
 instead (no recompute, more memory); paged blocks always recompute, since their weights leave RAM between
-the two passes. With `activations = "spill"` the boundary activations go to disk in forward and come back
+the two passes. With `auto` and room for only some graphs, the last blocks keep theirs
+(`MemoryPlan.kept_layers`). With `activations = "spill"` the boundary activations go to disk in forward and come back
 in backward (`sct_edge/engine/spill.py`): only the block being computed has its input in RAM.
 
 Global-norm gradient clipping needs every gradient before any update. When the plan holds gradients
@@ -335,9 +336,6 @@ class Engine:
         spill_read, spill_written = (self.spill.bytes_read, self.spill.bytes_written) if self.spill else (0, 0)
         return self.store.bytes_read + spill_read, self.store.bytes_written + spill_written
 
-    def _keeps_graph(self, name: str) -> bool:
-        """With activations = "keep", a resident block keeps its forward graph: backward needs no recompute."""
-        return self.activations == "keep" and self.pager.is_resident(name)
 
     def _forward(self, micro_batches: list[MicroBatch], clock: PhaseClock, turnaround: bool = True) -> ForwardPass:
         """Every block over every micro-batch; with `turnaround`, what backward needs is kept (or spilled)."""
@@ -361,7 +359,7 @@ class Engine:
                 since = time.perf_counter()
                 clock.enter("forward", i)
                 self.pager.emit_state(name, "computing")
-                if turnaround and self._keeps_graph(name):
+                if turnaround and i in self.plan.kept_layers:  # its graph is kept: backward needs no recompute
                     with torch.enable_grad():
                         params = {k: v.detach().requires_grad_() for k, v in weights.items()}
                         inputs = [h.detach().requires_grad_() for h in hidden]
