@@ -230,6 +230,21 @@ def test_auto_activations_keep_exactly_when_everything_fits_with_kept_graphs():
     assert not make_plan(config, profile("100GiB"), 1, 64).activations_auto
 
 
+def test_kept_graphs_beside_heap_served_tensors_are_counted_with_the_heap_factor():
+    import math
+
+    from sct_edge.engine.plan import KEPT_GRAPH_HEAP_FACTOR
+
+    config = get_preset("llama3-8b").with_ranks(RankPolicy.uniform(128))
+    keep = make_plan(config, profile("100GiB", activations="keep"), 4, 512)
+    per_graph = keep.kept_activation_bytes // config.n_layers
+    plan = make_plan(config, profile("10GiB", activations="auto"), 4, 512)
+    assert plan.heap_slack_bytes > 0 and 0 < plan.kept_blocks < config.n_layers
+    assert plan.kept_activation_bytes == plan.kept_blocks * math.ceil(per_graph * KEPT_GRAPH_HEAP_FACTOR)
+    one_more = plan.kept_activation_bytes // plan.kept_blocks
+    assert plan.predicted_peak_bytes <= 10 * GiB < plan.predicted_peak_bytes + one_more
+
+
 def test_auto_activations_spill_when_the_boundaries_do_not_fit_in_ram():
     config = get_preset("llama3-8b")
     recompute_minimum = minimum_budget(config, profile(activations="recompute"), 4, 512)
