@@ -170,3 +170,17 @@ def test_a_profile_is_summed_by_kind_of_op():
     assert kinds["attention"] == kinds["optimizer"] == 0
     total = sum(e.self_cpu_time_total for e in profiler.key_averages()) / 1e6
     assert sum(kinds.values()) == pytest.approx(total)
+
+
+def test_a_child_killed_outright_leaves_no_store_behind(tmp_path):
+    """The OOM killer under --cap sends SIGKILL: the child cannot clean up, so the parent owns its scratch."""
+    from sct_edge.engine.benchmark import BenchSpec, run_child
+
+    killer = ("import os, pathlib, sys; args = sys.argv; scratch = args[args.index('--scratch') + 1]; "
+              "pathlib.Path(scratch, 'store').mkdir(); os.kill(os.getpid(), 9)")
+    spec = BenchSpec(preset="tiny", rank=None, profile="ci", budget=None, steps=2, workload="lm", batch=1, seq=8,
+                     micro_batches=1, store=None, scratch=str(tmp_path), threads=1, peak_flops=None, trace=None,
+                     clip=None, plain_dtype=None)
+    result = run_child(spec, "streamed", [sys.executable, "-c", killer])
+    assert result == {"engine": "streamed", "error": "exit -9: (no output)"}
+    assert list(tmp_path.iterdir()) == []

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -242,8 +242,12 @@ def child_command(spec: BenchSpec, engine: str) -> list[str]:
 
 
 def run_child(spec: BenchSpec, engine: str, wrapper: list[str]) -> dict:
-    completed = subprocess.run(wrapper + child_command(spec, engine), capture_output=True, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    """Run one engine's benchmark in a child process (behind `wrapper`, e.g. a memory cap); its JSON line, or
+    an error entry. The child's temporary store lives in a directory this process removes, so a child killed
+    outright (the OOM killer under `--cap`) leaves no store behind."""
+    with tempfile.TemporaryDirectory(dir=spec.scratch, prefix="sct-edge-bench-") as scratch:
+        completed = subprocess.run(wrapper + child_command(replace(spec, scratch=scratch), engine),
+                                   capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if completed.returncode != 0:
         tail = (completed.stderr or completed.stdout).strip().splitlines()[-1:] or ["(no output)"]
         return {"engine": engine, "error": f"exit {completed.returncode}: {tail[0]}"}
