@@ -349,7 +349,8 @@ class Trainer:
         started = time.monotonic()
         step = first_step = store.step
         last_commit = last_eval = step
-        threads = self.profile.usable_threads()
+        # The plan may compute on fewer threads than the profile allows (`MemoryPlan.compute_threads`).
+        threads = plan.compute_threads(self.profile.usable_threads())
         paused_by: str | None = None
         while step < total:
             decision = policy.check()
@@ -359,7 +360,7 @@ class Trainer:
                 else:
                     events.emit(ResumeEvent(reason=paused_by))
                 paused_by = decision.paused_by
-            wanted_threads = self.profile.usable_threads(decision.threads)
+            wanted_threads = plan.compute_threads(self.profile.usable_threads(decision.threads))
             if wanted_threads != threads:
                 threads = wanted_threads
                 set_compute_threads(threads)
