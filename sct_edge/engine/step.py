@@ -23,8 +23,8 @@ compute (`sct_edge/engine/pager.py`).
 With `activations = "keep"` (or `auto` when the plan finds room), resident blocks keep their forward graph
 instead (no recompute, more memory); paged blocks always recompute, since their weights leave RAM between
 the two passes. With `auto` and room for only some graphs, the last blocks keep theirs
-(`MemoryPlan.kept_layers`). With `activations = "spill"` the boundary activations go to disk in forward and come back
-in backward (`sct_edge/engine/spill.py`): only the block being computed has its input in RAM.
+(`MemoryPlan.kept_layers`). With `activations = "spill"` the boundary activations go to disk in forward and
+come back in backward (`sct_edge/engine/spill.py`): only the block being computed has its input in RAM.
 
 Global-norm gradient clipping needs every gradient before any update. When the plan holds gradients
 (every block resident, room for all their gradients: `MemoryPlan.holds_gradients`), backward runs once and
@@ -335,7 +335,6 @@ class Engine:
         """Bytes read and written so far: the store's shards plus spilled activations."""
         spill_read, spill_written = (self.spill.bytes_read, self.spill.bytes_written) if self.spill else (0, 0)
         return self.store.bytes_read + spill_read, self.store.bytes_written + spill_written
-
 
     def _forward(self, micro_batches: list[MicroBatch], clock: PhaseClock, turnaround: bool = True) -> ForwardPass:
         """Every block over every micro-batch; with `turnaround`, what backward needs is kept (or spilled)."""
