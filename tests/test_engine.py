@@ -109,6 +109,20 @@ def test_streamed_step_equals_in_memory_reference_when_every_block_is_paged(tmp_
     assert_store_matches(Store.open(tmp_path / "store"), model, reference, "lm")
 
 
+class BlockCalls:
+    """Counts an engine's block forwards: the forward pass and backward's recomputes alike."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.count = 0
+        run_block = engine._block
+
+        def counting_block(*args, **kwargs):
+            self.count += 1
+            return run_block(*args, **kwargs)
+
+        engine._block = counting_block
+
+
 @pytest.mark.parametrize("config_name", list(CONFIGS))
 @pytest.mark.parametrize("activations", ["recompute", "keep"])
 def test_clipping_with_every_gradient_held_is_one_backward_and_equals_the_reference(tmp_path, config_name,
@@ -120,23 +134,15 @@ def test_clipping_with_every_gradient_held_is_one_backward_and_equals_the_refere
     plan = make_plan(config, profile, 2, 7, 2, clip=True)
     assert plan.holds_gradients and plan.resident_blocks == config.n_layers
     engine = Engine(store, plan, optim)
-    block_calls = 0
-    run_block = engine._block
-
-    def counting_block(*args, **kwargs):
-        nonlocal block_calls
-        block_calls += 1
-        return run_block(*args, **kwargs)
-
-    engine._block = counting_block
+    calls = BlockCalls(engine)
     model = Transformer(config, seed=7)
     reference = InMemoryStep(model, optim)
     for step in (1, 2):
         micro = batches(config, 2, seed=step)
-        block_calls = 0
+        calls.count = 0
         result = engine.train_step(micro, step)
         # Forward once per block and micro-batch, and (recomputing) once more in the single backward pass.
-        assert block_calls == config.n_layers * 2 * (1 if activations == "keep" else 2)
+        assert calls.count == config.n_layers * 2 * (1 if activations == "keep" else 2)
         assert result.loss == pytest.approx(reference.step(micro), abs=1e-5)
         assert result.grad_norm > 0.05  # the clip bites
     engine.flush()
@@ -160,23 +166,15 @@ def test_auto_keeps_the_last_graphs_the_budget_has_room_for_and_equals_the_refer
     assert plan.kept_layers == range(config.n_layers - 2, config.n_layers)
     assert plan.predicted_peak_bytes == recompute.predicted_peak_bytes + 2 * per_graph <= budget
     engine = Engine(store, plan, optim)
-    block_calls = 0
-    run_block = engine._block
-
-    def counting_block(*args, **kwargs):
-        nonlocal block_calls
-        block_calls += 1
-        return run_block(*args, **kwargs)
-
-    engine._block = counting_block
+    calls = BlockCalls(engine)
     model = Transformer(config, seed=7)
     reference = InMemoryStep(model, optim)
     for step in (1, 2):
         micro = batches(config, 2, seed=step)
-        block_calls = 0
+        calls.count = 0
         result = engine.train_step(micro, step)
         # Forward of every block and micro-batch, and backward recomputes all but the two kept blocks.
-        assert block_calls == 2 * config.n_layers + 2 * (config.n_layers - 2)
+        assert calls.count == 2 * config.n_layers + 2 * (config.n_layers - 2)
         assert result.loss == pytest.approx(reference.step(micro), abs=1e-5)
     engine.flush()
     engine.close()
