@@ -16,6 +16,7 @@ from sct_edge.engine.step import Engine
 from sct_edge.errors import SctError
 from sct_edge.events import BlockEvent, PhaseEvent
 from sct_edge.model.config import ModelConfig, RankPolicy
+from sct_edge.model.memo import ReplayedAttention
 from sct_edge.model.transformer import Transformer
 from sct_edge.store.shard_names import block_index, block_shard, optim_shard, param_prefix
 from sct_edge.store.store import Store
@@ -123,6 +124,20 @@ class BlockCalls:
         engine._block = counting_block
 
 
+class ReplayCount:
+    """Counts attention replayed from block memos (`sct_edge/model/memo.py`) instead of recomputed."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        replay = ReplayedAttention.apply
+
+        def counting_replay(*args):
+            self.count += 1
+            return replay(*args)
+
+        monkeypatch.setattr(ReplayedAttention, "apply", counting_replay)
+
+
 @pytest.mark.parametrize("config_name", list(CONFIGS))
 @pytest.mark.parametrize("activations", ["recompute", "keep"])
 def test_clipping_with_every_gradient_held_is_one_backward_and_equals_the_reference(tmp_path, config_name,
@@ -152,7 +167,8 @@ def test_clipping_with_every_gradient_held_is_one_backward_and_equals_the_refere
 
 
 @pytest.mark.parametrize("config_name", ["multi", "multi-tied-dense-embed"])
-def test_auto_keeps_the_last_graphs_the_budget_has_room_for_and_equals_the_reference(tmp_path, config_name):
+def test_auto_keeps_the_last_graphs_the_budget_has_room_for_and_equals_the_reference(tmp_path, monkeypatch,
+                                                                                      config_name):
     config = CONFIGS[config_name]
     optim = OptimConfig(lr_spectral=0.05, lr_dense=0.01, weight_decay=0.1)
     store = Store.create(tmp_path / "store", config, seed=7)
@@ -164,9 +180,12 @@ def test_auto_keeps_the_last_graphs_the_budget_has_room_for_and_equals_the_refer
     plan = make_plan(config, dataclasses.replace(ci, activations="auto", memory_budget=budget), 2, 7, 2)
     assert (plan.activations, plan.kept_blocks) == ("recompute", 2) and config.n_layers > 2
     assert plan.kept_layers == range(config.n_layers - 2, config.n_layers)
-    assert plan.predicted_peak_bytes == recompute.predicted_peak_bytes + 2 * per_graph <= budget
+    # Every other block leaves a memo for its recompute, counted before the graphs.
+    assert plan.memo_layers == range(config.n_layers - 2) and plan.memo_bytes > 0
+    assert plan.predicted_peak_bytes == recompute.predicted_peak_bytes + 2 * per_graph + plan.memo_bytes <= budget
     engine = Engine(store, plan, optim)
     calls = BlockCalls(engine)
+    replays = ReplayCount(monkeypatch)
     model = Transformer(config, seed=7)
     reference = InMemoryStep(model, optim)
     for step in (1, 2):
@@ -175,6 +194,7 @@ def test_auto_keeps_the_last_graphs_the_budget_has_room_for_and_equals_the_refer
         result = engine.train_step(micro, step)
         # Forward of every block and micro-batch, and backward recomputes all but the two kept blocks.
         assert calls.count == 2 * config.n_layers + 2 * (config.n_layers - 2)
+        assert replays.count == 2 * (config.n_layers - 2) * step  # from the memos, for each micro-batch
         assert result.loss == pytest.approx(reference.step(micro), abs=1e-5)
     engine.flush()
     engine.close()

@@ -221,10 +221,13 @@ def test_auto_activations_keep_exactly_when_everything_fits_with_kept_graphs():
     short = make_plan(config, profile(f"{keep.predicted_peak_bytes - 1}B", activations="auto"), 1, 64)
     recompute = make_plan(config, profile(f"{keep.predicted_peak_bytes - 1}B"), 1, 64)
     assert short.activations == "recompute" and recompute.kept_blocks == 0
-    # One byte short of every graph: all but one block keep theirs, on top of the recompute working set.
+    # One byte short of every graph: all but one block keep theirs, on top of the recompute working set, and
+    # the one that recomputes leaves a memo for it (attention output and log-sum-exp; this MLP is not sliced).
     per_graph = keep.kept_activation_bytes // config.n_layers
     assert short.kept_blocks == config.n_layers - 1 and short.kept_layers == range(1, config.n_layers)
-    assert short.predicted_peak_bytes == recompute.predicted_peak_bytes + short.kept_blocks * per_graph
+    assert short.memo_layers == range(1) and short.memo_bytes == 64 * (config.dim + config.n_heads) * 4
+    assert short.predicted_peak_bytes == (recompute.predicted_peak_bytes + short.kept_blocks * per_graph
+                                          + short.memo_bytes)
     assert short.predicted_peak_bytes <= keep.predicted_peak_bytes - 1
     assert "kept forward graphs of the last 31 blocks" in "\n".join(short.describe())
     assert not make_plan(config, profile("100GiB"), 1, 64).activations_auto
@@ -373,3 +376,27 @@ def test_clipping_holds_every_gradient_only_when_every_block_is_resident_and_the
     paged = make_plan(config, profile(f"{budget}B"), batch=2, seq=16, clip=True)
     assert paged.paging and not paged.holds_gradients
     assert not make_plan(config, profile("100GiB"), batch=2, seq=16, clip=True, replicas=2).holds_gradients
+
+
+def test_auto_gives_every_recomputed_block_a_memo_before_any_block_keeps_its_graph():
+    import math
+
+    from sct_edge.engine.plan import KEPT_GRAPH_HEAP_FACTOR, block_memo_elements
+
+    config = get_preset("llama3-8b").with_ranks(RankPolicy.uniform(128))
+    # Attention output and log-sum-exp, and (the MLP in slices at 2,048 tokens) gate's, up's and down's x·U.
+    elements = block_memo_elements(config, 0, 4, 512)
+    assert elements == 4 * 512 * (config.dim + config.n_heads + 3 * 128)
+    per_memo = math.ceil(elements * 4 * KEPT_GRAPH_HEAP_FACTOR)  # beside heap-served hidden states
+    recompute = make_plan(config, profile("10GiB", activations="recompute"), 4, 512)
+    assert recompute.memo_blocks == 0 and recompute.memo_bytes == 0  # asked for plain recompute: no memos
+    auto = make_plan(config, profile("10GiB", activations="auto"), 4, 512)
+    assert auto.heap_slack_bytes > 0 and 0 < auto.kept_blocks < config.n_layers
+    assert auto.memo_layers == range(config.n_layers - auto.kept_blocks)
+    assert auto.memo_bytes == auto.memo_blocks * per_memo
+    assert "memos of" in "\n".join(auto.describe())
+    # Room for 16 memos and no graph: the first 16 blocks get memos, the others recompute in full.
+    half = make_plan(config, profile(f"{recompute.predicted_peak_bytes + 16 * per_memo + 1}B", activations="auto"),
+                     4, 512)
+    assert (half.memo_blocks, half.kept_blocks) == (16, 0)
+    assert half.predicted_peak_bytes == recompute.predicted_peak_bytes + 16 * per_memo

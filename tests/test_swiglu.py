@@ -30,7 +30,7 @@ def factors(tokens: int, dim: int, ffn: int, rank: int, dtype=torch.float64) -> 
 @pytest.mark.parametrize("chunk", [1, 4, 11, 64])  # slices of one column, uneven slices, one slice for all
 def test_gradcheck_in_float64(chunk):
     args = factors(tokens=7, dim=5, ffn=11, rank=3)
-    assert torch.autograd.gradcheck(lambda *a: SpectralSwiGLU.apply(*a, chunk, torch.float64), args)
+    assert torch.autograd.gradcheck(lambda *a: SpectralSwiGLU.apply(*a, chunk, torch.float64, None), args)
 
 
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float64, 1e-12), (torch.float32, 1e-5)])
@@ -39,7 +39,7 @@ def test_forward_and_every_gradient_equal_autograd_through_the_plain_composition
     grad_y = torch.randn(33, 16, generator=torch.Generator().manual_seed(3), dtype=dtype)
     expected = plain(*args)
     expected_grads = torch.autograd.grad(expected, args, grad_y)
-    got = SpectralSwiGLU.apply(*args, 8, dtype)
+    got = SpectralSwiGLU.apply(*args, 8, dtype, None)
     got_grads = torch.autograd.grad(got, args, grad_y)
     # Relative to each tensor's norm: float32 sums over the FFN in another order, single entries may cancel.
     for a, b in zip([got, *got_grads], [expected, *expected_grads], strict=True):

@@ -22,7 +22,10 @@ What RAM holds during a step (the terms of `MemoryPlan`):
   `activations = keep` each resident block also keeps its forward graph (its saved tensors) until backward,
   and only a paged block is recomputed. With `auto`, when every block is resident but not every graph fits,
   the last blocks keep theirs as far as the budget's room goes (`kept_blocks`) and the others recompute: the
-  kept graphs are freed by the time backward reaches a recomputed block.
+  kept graphs are freed by the time backward reaches a recomputed block. Before any graph, with `auto` and
+  every block resident, each recomputed block's forward leaves a memo for its recompute
+  (`block_memo_elements`, `sct_edge/model/memo.py`): the attention output and the MLP's rank-wide tensors,
+  which spare the recompute its attention kernel and FFN slices for far fewer bytes than a kept graph.
 - the logits working set ("lm"): the loss is taken a chunk of tokens at a time (`sct_edge/model/loss.py`),
   so one chunk's float32 logits, log-softmax and their gradient (3 × chunk × vocab × 4 B, plus the
   compute-dtype logits and the head's matrices cast once when that is not float32) and the head's gradient
@@ -138,6 +141,16 @@ def block_saved_elements(config: ModelConfig, layer: int, batch: int, seq: int, 
     return batch * seq * per_token + tables
 
 
+def block_memo_elements(config: ModelConfig, layer: int, batch: int, seq: int, element_bytes: int = FP32) -> int:
+    """Elements block `layer`'s memo holds for one micro-batch of batch × seq (`sct_edge/model/memo.py`):
+    causal attention's output and per-head log-sum-exp (dim + n_heads a token), and, with the MLP in FFN slices,
+    x·U of gate and up and down's rank-wide accumulator (k_gate + k_up + k_down a token)."""
+    per_token = 0 if config.attention == "additive" else config.dim + config.n_heads
+    if _mlp_sliced(config, layer, batch, seq, element_bytes):
+        per_token += sum(rank for path, _, _, rank in block_matrices(config, layer) if ".mlp." in path)
+    return batch * seq * per_token
+
+
 def backward_transient_elements(config: ModelConfig, batch: int, seq: int, element_bytes: int = FP32) -> int:
     """Elements alive during one block's backward on top of what autograd saved: two ffn-wide gradients.
 
@@ -189,6 +202,8 @@ class MemoryPlan:
     boundary_grad_bytes: int
     kept_blocks: int  # blocks whose forward graph is kept for backward, not recomputed (see `kept_layers`)
     kept_activation_bytes: int  # those blocks' forward graphs
+    memo_blocks: int  # recomputed blocks whose forward leaves a memo for the recompute (see `memo_layers`)
+    memo_bytes: int  # those memos
     block_working_set_bytes: int
     logits_bytes: int
     runtime_overhead_bytes: int
@@ -254,6 +269,12 @@ class MemoryPlan:
         return range(self.n_layers - self.kept_blocks, self.n_layers)
 
     @property
+    def memo_layers(self) -> range:
+        """The blocks whose no-grad forward records a memo that their recompute replays: the first
+        `memo_blocks`, never a kept one."""
+        return range(self.memo_blocks)
+
+    @property
     def io_bytes_per_step(self) -> int:
         return self.io_read_bytes_per_step + self.io_write_bytes_per_step
 
@@ -316,6 +337,9 @@ class MemoryPlan:
         elif self.kept_activation_bytes:
             lines.append(f"  kept forward graphs of the last {self.kept_blocks} blocks (the budget's room; the other "
                          f"{self.n_layers - self.kept_blocks} recompute): {b(self.kept_activation_bytes)}")
+        if self.memo_bytes:
+            lines.append(f"  memos of {self.memo_blocks} recomputed blocks (attention output, MLP rank-wide tensors): "
+                         f"{b(self.memo_bytes)}")
         lines.append(f"  one block's backward working set: {b(self.block_working_set_bytes)}")
         if self.workload == "lm":
             lines.append(f"  logits working set: {b(self.logits_bytes)} (freed before any block's backward)")
@@ -361,6 +385,7 @@ class _StepCosts:
     boundary: int
     boundary_grad: int
     saved: int  # one block's autograd-saved tensors
+    memo_per_block: int  # one block's memos for every micro-batch
     transient: int
     cast: int
     logits: int
@@ -416,6 +441,8 @@ def _step_costs(
         boundary=(2 if activations == "spill" else config.n_layers + 1) * micro_batches * boundary_tensor,
         boundary_grad=micro_batches * boundary_tensor,
         saved=saved,
+        memo_per_block=micro_batches * act_bytes * max(
+            block_memo_elements(config, i, batch, seq, act_bytes) for i in range(config.n_layers)),
         transient=backward_transient_elements(config, batch, seq, act_bytes) * act_bytes,
         # bfloat16 compute works on a bf16 copy of the computing block's fp32 weights.
         cast=block_params * 2 if profile.compute_dtype == "bfloat16" else 0,
@@ -547,13 +574,23 @@ def make_plan(
         heap_limit, heap_slack = 2 * c.boundary_tensor, HEAP_SLACK_TENSORS * c.boundary_tensor
         peak += heap_slack
     kept, kept_bytes = (resident, resident * c.kept_per_block) if keep else (0, 0)
-    if profile.activations == "auto" and activations == "recompute" and resident == n and c.kept_per_block > 0:
-        # Not every graph fits (auto would have chosen keep), but some may: the last blocks keep theirs.
-        # Counted on top of the recompute working set, though backward frees them before it recomputes.
-        per_graph = math.ceil(c.kept_per_block * (KEPT_GRAPH_HEAP_FACTOR if heap_slack else 1))
-        kept = min(n, max(0, budget - peak) // per_graph)
-        kept_bytes = kept * per_graph
-        peak += kept_bytes
+    memos = memo_bytes = 0
+    if profile.activations == "auto" and activations == "recompute" and resident == n:
+        # Not every graph fits (auto would have chosen keep). Every block recomputes, so first each one's forward
+        # leaves a memo for its recompute; then, where room remains, the last blocks keep their whole graphs
+        # instead (a kept block needs no memo). Counted on top of the recompute working set, though backward
+        # frees the graphs before it recomputes.
+        heap_factor = KEPT_GRAPH_HEAP_FACTOR if heap_slack else 1
+        per_memo = math.ceil(c.memo_per_block * heap_factor)
+        memos = min(n, max(0, budget - peak) // per_memo) if per_memo else n
+        if memos == n and c.kept_per_block > 0:
+            per_graph = math.ceil(c.kept_per_block * heap_factor)
+            kept = min(n, max(0, budget - peak - n * per_memo) // max(1, per_graph - per_memo))
+            kept_bytes = kept * per_graph
+            memos = n - kept
+        memos = memos if per_memo else 0  # a block with nothing to record (additive attention, MLP not sliced)
+        memo_bytes = memos * per_memo
+        peak += kept_bytes + memo_bytes
 
     paged = c.block_stored[resident:]
     store_bytes = (sum(c.block_stored) + c.embed_head_params) * c.resident_per_param
@@ -596,6 +633,8 @@ def make_plan(
         boundary_grad_bytes=c.boundary_grad,
         kept_blocks=kept,
         kept_activation_bytes=kept_bytes,
+        memo_blocks=memos,
+        memo_bytes=memo_bytes,
         block_working_set_bytes=working,
         logits_bytes=c.logits,
         runtime_overhead_bytes=RUNTIME_OVERHEAD_BYTES,

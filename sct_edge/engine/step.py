@@ -23,8 +23,10 @@ compute (`sct_edge/engine/pager.py`).
 With `activations = "keep"` (or `auto` when the plan finds room), resident blocks keep their forward graph
 instead (no recompute, more memory); paged blocks always recompute, since their weights leave RAM between
 the two passes. With `auto` and room for only some graphs, the last blocks keep theirs
-(`MemoryPlan.kept_layers`). With `activations = "spill"` the boundary activations go to disk in forward and
-come back in backward (`sct_edge/engine/spill.py`): only the block being computed has its input in RAM.
+(`MemoryPlan.kept_layers`), and the others leave a memo in forward that spares their recompute the attention
+kernel and the MLP's FFN slices (`MemoryPlan.memo_layers`, `sct_edge/model/memo.py`). With
+`activations = "spill"` the boundary activations go to disk in forward and come back in backward
+(`sct_edge/engine/spill.py`): only the block being computed has its input in RAM.
 
 Global-norm gradient clipping needs every gradient before any update. When the plan holds gradients
 (every block resident, room for all their gradients: `MemoryPlan.holds_gradients`), backward runs once and
@@ -56,6 +58,7 @@ from sct_edge.events import EventSink
 from sct_edge.model.accounting import chunk_tokens_for
 from sct_edge.model.config import ModelConfig
 from sct_edge.model.loss import IGNORE_INDEX, distill_loss_backward, lm_loss_backward
+from sct_edge.model.memo import BlockMemo
 from sct_edge.model.retraction import retract_
 from sct_edge.model.transformer import Block, KVCache, build_embedding, build_head, rope_tables, tied_head_logits
 from sct_edge.store.shard_names import block_shard, is_optim, optim_shard, weights_shard
@@ -111,6 +114,7 @@ class ForwardPass:
 
     boundaries: list[list[Tensor] | None]
     graphs: dict[int, KeptGraph] = field(default_factory=dict)
+    memos: dict[int, list[BlockMemo]] = field(default_factory=dict)  # by block index, one per micro-batch
 
 
 @dataclass
@@ -231,9 +235,9 @@ class Engine:
             return functional_call(self.head_template, strip_prefix(head, "head."), (h,))
 
     def _block(self, i: int, weights: dict[str, Tensor], x: Tensor, rope: tuple[Tensor, Tensor],
-               cache: KVCache | None = None) -> Tensor:
+               cache: KVCache | None = None, memo: BlockMemo | None = None) -> Tensor:
         with self.autocast():
-            return functional_call(self.templates[i], weights, (x, *rope, cache))
+            return functional_call(self.templates[i], weights, (x, *rope, cache, memo))
 
     def _rope(self, start: int, length: int) -> tuple[Tensor, Tensor]:
         cos, sin = rope_tables(self.config, torch.arange(start, start + length))
@@ -339,6 +343,7 @@ class Engine:
     def _forward(self, micro_batches: list[MicroBatch], clock: PhaseClock, turnaround: bool = True) -> ForwardPass:
         """Every block over every micro-batch; with `turnaround`, what backward needs is kept (or spilled)."""
         graphs: dict[int, KeptGraph] = {}
+        memos: dict[int, list[BlockMemo]] = {}
         since = time.perf_counter()
         with torch.no_grad():
             if self.workload == "lm":
@@ -365,6 +370,9 @@ class Engine:
                         outputs = [self._block(i, params, h, rope) for h in inputs]
                     graphs[i] = KeptGraph(params, inputs, outputs)
                     hidden = [o.detach() for o in outputs]
+                elif turnaround and i in self.plan.memo_layers:  # backward recomputes it from these memos
+                    memos[i] = [BlockMemo() for _ in hidden]
+                    hidden = [self._block(i, weights, h, rope, memo=m) for h, m in zip(hidden, memos[i], strict=True)]
                 else:
                     hidden = [self._block(i, weights, h, rope) for h in hidden]
                 boundaries.append(hidden)
@@ -385,7 +393,7 @@ class Engine:
                         self.pager.prefetch(block_shard(j))
                         self.pager.prefetch(optim_shard(block_shard(j)))
         clock.add("forward", since)
-        return ForwardPass(boundaries, graphs)
+        return ForwardPass(boundaries, graphs, memos)
 
     def _head_backward(self, micro_batches, top: list[Tensor], clock: PhaseClock, step, lr_scale, update,
                        grad_scale, held) -> tuple[list[Tensor], float, float, dict[str, Tensor] | None]:
@@ -525,10 +533,11 @@ class Engine:
                     inputs = boundaries[i]
                 clock.enter("backward", i)
                 params = {k: v.detach().requires_grad_() for k, v in tensors.items()}
+                memos = (forward.memos.pop(i, None) if last_pass else forward.memos.get(i)) or [None] * len(inputs)
                 new_grads = []
-                for h, g in zip(inputs, grads, strict=True):
+                for h, g, memo in zip(inputs, grads, memos, strict=True):
                     h = h.detach().requires_grad_()
-                    self._block(i, params, h, rope).backward(g)
+                    self._block(i, params, h, rope, memo=memo).backward(g)
                     new_grads.append(h.grad)
                 grads = new_grads
             since = clock.add("backward", since)

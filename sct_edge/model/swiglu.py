@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sct_edge.model import accounting
+from sct_edge.model.memo import BlockMemo
 
 
 class SpectralSwiGLU(torch.autograd.Function):
@@ -35,16 +36,21 @@ class SpectralSwiGLU(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, U_g, s_g, V_g, U_u, s_u, V_u, U_d, s_d, V_d, chunk, dtype):  # noqa: N803 (the factors' names)
+    def forward(ctx, x, U_g, s_g, V_g, U_u, s_u, V_u, U_d, s_d, V_d, chunk, dtype, memo):  # noqa: N803 (the factors' names)
         inputs = (x, U_g, s_g, V_g, U_u, s_u, V_u, U_d, s_d, V_d)
         ctx.input_dtypes = [t.dtype for t in inputs]
         x, U_g, s_g, V_g, U_u, s_u, V_u, U_d, s_d, V_d = (t.to(dtype) for t in inputs)  # noqa: N806
-        x_g, x_u = x @ U_g, x @ U_u  # tokens × k: what backward recomputes the slices from
-        a_g, a_u = x_g * s_g, x_u * s_u
-        acc = x.new_zeros(x.shape[0], U_d.shape[1], dtype=_accumulator(dtype))
-        for c in range(0, V_g.shape[0], chunk):
-            p = F.silu(a_g @ V_g[c : c + chunk].T).mul_(a_u @ V_u[c : c + chunk].T)
-            acc.add_(p @ U_d[c : c + chunk])
+        if memo is not None and memo.mlp is not None:
+            x_g, x_u, acc = memo.mlp  # a recompute: the first forward's slices gave these (model/memo.py)
+        else:
+            x_g, x_u = x @ U_g, x @ U_u  # tokens × k: what backward recomputes the slices from
+            a_g, a_u = x_g * s_g, x_u * s_u
+            acc = x.new_zeros(x.shape[0], U_d.shape[1], dtype=_accumulator(dtype))
+            for c in range(0, V_g.shape[0], chunk):
+                p = F.silu(a_g @ V_g[c : c + chunk].T).mul_(a_u @ V_u[c : c + chunk].T)
+                acc.add_(p @ U_d[c : c + chunk])
+            if memo is not None:
+                memo.mlp = (x_g, x_u, acc)
         ctx.save_for_backward(x, x_g, x_u, acc, U_g, s_g, V_g, U_u, s_u, V_u, U_d, s_d, V_d)
         ctx.chunk = chunk
         return (acc.to(dtype) * s_d) @ V_d.T
@@ -81,7 +87,7 @@ class SpectralSwiGLU(torch.autograd.Function):
         grad_x = grad_x_g @ U_g.T + grad_x_u @ U_u.T
         grad_U_g, grad_U_u = x.T @ grad_x_g, x.T @ grad_x_u
         grads = (grad_x, grad_U_g, grad_s_g, grad_V_g, grad_U_u, grad_s_u, grad_V_u, grad_U_d, grad_s_d, grad_V_d)
-        return (*(g.to(d) for g, d in zip(grads, ctx.input_dtypes, strict=True)), None, None)
+        return (*(g.to(d) for g, d in zip(grads, ctx.input_dtypes, strict=True)), None, None, None)
 
 
 def _accumulator(dtype: torch.dtype) -> torch.dtype:
@@ -94,14 +100,16 @@ def slices_pay_off(x: Tensor, ffn: int) -> bool:
     return accounting.mlp_in_slices(x.numel() // x.shape[-1], ffn, x.element_size())
 
 
-def spectral_swiglu(x: Tensor, gate, up, down, chunk: int = accounting.MLP_SLICE_COLUMNS) -> Tensor:
+def spectral_swiglu(x: Tensor, gate, up, down, chunk: int = accounting.MLP_SLICE_COLUMNS,
+                    memo: BlockMemo | None = None) -> Tensor:
     """down(silu(gate(x)) * up(x)) for spectral gate, up and down (U, s, V each), over FFN slices; x is (…, dim).
 
-    Under autocast the products take autocast's dtype, as a plain composition's would."""
+    Under autocast the products take autocast's dtype, as a plain composition's would. An empty `memo` records
+    the rank-wide tensors backward keeps; a recorded one replaces the slices of the forward with them."""
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     flat = x.reshape(-1, x.shape[-1])
     with torch.autocast(device, enabled=False):
         y = SpectralSwiGLU.apply(flat, gate.U, gate.s, gate.V, up.U, up.s, up.V, down.U, down.s, down.V, chunk,
-                                 dtype)
+                                 dtype, memo)
     return y.view(*x.shape[:-1], y.shape[-1])

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sct_edge.model.config import ModelConfig
+from sct_edge.model.memo import BlockMemo, causal_attention, replays_attention
 from sct_edge.model.spectral import SpectralLinear, init_scale, random_orthonormal, spectral_apply
 from sct_edge.model.swiglu import slices_pay_off, spectral_swiglu
 
@@ -103,7 +104,8 @@ class Attention(nn.Module):
         self.v = make_linear(d, kv, rank(f"layers.{layer}.attn.v"), 1 / math.sqrt(d), generator, device)
         self.o = make_linear(d, d, rank(f"layers.{layer}.attn.o"), out_std, generator, device)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None,
+                memo: BlockMemo | None = None) -> Tensor:
         if self.config.attention == "additive":
             return self.o(self.q(x) + self.k(x) + self.v(x))
         b, t, _ = x.shape
@@ -120,9 +122,12 @@ class Attention(nn.Module):
             # New queries sit at the end of the cached sequence: query i sees keys up to past + i.
             past = k.shape[2] - t
             mask = torch.ones(t, k.shape[2], dtype=torch.bool).tril(past)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal and t > 1, enable_gqa=c.n_kv_heads != c.n_heads
-        )
+        if memo is not None and causal and t > 1 and replays_attention(q):
+            y = causal_attention(q, k, v, memo)  # recorded in forward, replayed in the recompute (model/memo.py)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal and t > 1, enable_gqa=c.n_kv_heads != c.n_heads
+            )
         return self.o(y.transpose(1, 2).reshape(b, t, c.dim))
 
 
@@ -136,10 +141,11 @@ class MLP(nn.Module):
         self.up = make_linear(d, f, rank(f"layers.{layer}.mlp.up"), 1 / math.sqrt(d), generator, device)
         self.down = make_linear(f, d, rank(f"layers.{layer}.mlp.down"), down_std, generator, device)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, memo: BlockMemo | None = None) -> Tensor:
         spectral = all(isinstance(m, SpectralLinear) for m in (self.gate, self.up, self.down))
         if spectral and slices_pay_off(x, self.up.n_out):
-            return spectral_swiglu(x, self.gate, self.up, self.down)  # no FFN-wide tensor (model/swiglu.py)
+            # No FFN-wide tensor (model/swiglu.py); with a memo, the recompute skips the slices (model/memo.py).
+            return spectral_swiglu(x, self.gate, self.up, self.down, memo=memo)
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
@@ -154,9 +160,11 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps, device)
         self.mlp = MLP(config, layer, generator, device)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None) -> Tensor:
-        h = x + self.attn(self.attn_norm(x), cos, sin, cache)
-        return h + self.mlp(self.mlp_norm(h))
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None,
+                memo: BlockMemo | None = None) -> Tensor:
+        """With a `memo`, a forward under no_grad records what the recompute of the same input replays."""
+        h = x + self.attn(self.attn_norm(x), cos, sin, cache, memo)
+        return h + self.mlp(self.mlp_norm(h), memo)
 
 
 class Embedding(nn.Module):
