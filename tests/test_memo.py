@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from sct_edge.model import accounting
 from sct_edge.model.config import RankPolicy, get_preset
-from sct_edge.model.memo import BlockMemo, ReplayedAttention, causal_attention
+from sct_edge.model.memo import BlockMemo, MemoArena, ReplayedAttention, causal_attention
 from sct_edge.model.swiglu import SpectralSwiGLU
 from sct_edge.model.transformer import Block, rope_tables
 from tests.test_swiglu import factors
@@ -71,8 +71,9 @@ def test_replayed_swiglu_gradcheck_in_float64():
     assert torch.autograd.gradcheck(recorded_then_replayed_mlp, factors(tokens=7, dim=5, ffn=11, rank=3))
 
 
+@pytest.mark.parametrize("arena", [False, True])
 @pytest.mark.parametrize("sliced", [False, True])
-def test_a_block_recomputed_from_its_memo_equals_a_plain_recompute_bit_for_bit(monkeypatch, sliced):
+def test_a_block_recomputed_from_its_memo_equals_a_plain_recompute_bit_for_bit(monkeypatch, sliced, arena):
     if sliced:
         monkeypatch.setattr(accounting, "SLICE_FROM_BYTES", 1)  # every size: the MLP in FFN slices
     config = get_preset("tiny").with_ranks(RankPolicy.uniform(4))
@@ -88,12 +89,29 @@ def test_a_block_recomputed_from_its_memo_equals_a_plain_recompute_bit_for_bit(m
         y.backward(grad)
         return [y.detach(), h.grad] + [p.grad for p in block.parameters()]
 
-    memo = BlockMemo()
+    memo = BlockMemo(arena=MemoArena(1 << 20) if arena else None)
     with torch.no_grad():
         first = block(x, cos, sin, None, memo)
     assert memo.attention is not None and (memo.mlp is not None) == sliced
+    if arena:  # every recorded tensor lives in the arena's buffer
+        recorded = [*memo.attention, *(memo.mlp or ())]
+        assert all(t.untyped_storage().data_ptr() == memo.arena.buffer.data_ptr() for t in recorded)
     plain = recompute(None)
     replayed = recompute(memo)
     assert torch.equal(first, plain[0])
     for a, b in zip(replayed, plain, strict=True):
         assert torch.equal(a, b)
+
+
+def test_the_arena_keeps_strides_aligns_each_tensor_and_falls_back_when_full():
+    arena = MemoArena(4096)
+    permuted = torch.arange(24, dtype=torch.float32).view(2, 3, 4).transpose(0, 1)  # dense, not contiguous
+    kept = arena.keep(permuted)
+    assert torch.equal(kept, permuted) and kept.stride() == permuted.stride()
+    odd = arena.keep(torch.ones(3, dtype=torch.bfloat16))
+    assert odd.data_ptr() - arena.buffer.data_ptr() == 128  # 96 bytes in, the next cache line
+    too_big = torch.ones(2048)
+    spilled = arena.keep(too_big)
+    assert torch.equal(spilled, too_big) and spilled.untyped_storage().data_ptr() != arena.buffer.data_ptr()
+    arena.reset()
+    assert arena.keep(permuted).data_ptr() == kept.data_ptr()  # the next step reuses the same memory

@@ -58,6 +58,7 @@ from sct_edge.engine.malloc import STEP_MALLOC, MallocThresholds
 from sct_edge.engine.profile import DTYPE_BYTES, Profile
 from sct_edge.errors import SctError
 from sct_edge.model.accounting import (
+    MEMO_ALIGN_BYTES,
     MLP_SLICE_COLUMNS,
     GiB,
     MiB,
@@ -441,8 +442,9 @@ def _step_costs(
         boundary=(2 if activations == "spill" else config.n_layers + 1) * micro_batches * boundary_tensor,
         boundary_grad=micro_batches * boundary_tensor,
         saved=saved,
-        memo_per_block=micro_batches * act_bytes * max(
-            block_memo_elements(config, i, batch, seq, act_bytes) for i in range(config.n_layers)),
+        # Each memo tensor starts on a cache line of the step's memo arena: five of them a micro-batch at most.
+        memo_per_block=micro_batches * (act_bytes * max(block_memo_elements(config, i, batch, seq, act_bytes)
+                                                        for i in range(config.n_layers)) + 5 * MEMO_ALIGN_BYTES),
         transient=backward_transient_elements(config, batch, seq, act_bytes) * act_bytes,
         # bfloat16 compute works on a bf16 copy of the computing block's fp32 weights.
         cast=block_params * 2 if profile.compute_dtype == "bfloat16" else 0,
@@ -577,14 +579,13 @@ def make_plan(
     memos = memo_bytes = 0
     if profile.activations == "auto" and activations == "recompute" and resident == n:
         # Not every graph fits (auto would have chosen keep). Every block recomputes, so first each one's forward
-        # leaves a memo for its recompute; then, where room remains, the last blocks keep their whole graphs
-        # instead (a kept block needs no memo). Counted on top of the recompute working set, though backward
-        # frees the graphs before it recomputes.
-        heap_factor = KEPT_GRAPH_HEAP_FACTOR if heap_slack else 1
-        per_memo = math.ceil(c.memo_per_block * heap_factor)
+        # leaves a memo for its recompute (in one arena, out of malloc's heap); then, where room remains, the last
+        # blocks keep their whole graphs instead (a kept block needs no memo). Counted on top of the recompute
+        # working set, though backward frees the graphs before it recomputes.
+        per_memo = c.memo_per_block
         memos = min(n, max(0, budget - peak) // per_memo) if per_memo else n
         if memos == n and c.kept_per_block > 0:
-            per_graph = math.ceil(c.kept_per_block * heap_factor)
+            per_graph = math.ceil(c.kept_per_block * (KEPT_GRAPH_HEAP_FACTOR if heap_slack else 1))
             kept = min(n, max(0, budget - peak - n * per_memo) // max(1, per_graph - per_memo))
             kept_bytes = kept * per_graph
             memos = n - kept

@@ -58,7 +58,7 @@ from sct_edge.events import EventSink
 from sct_edge.model.accounting import chunk_tokens_for
 from sct_edge.model.config import ModelConfig
 from sct_edge.model.loss import IGNORE_INDEX, distill_loss_backward, lm_loss_backward
-from sct_edge.model.memo import BlockMemo
+from sct_edge.model.memo import BlockMemo, MemoArena
 from sct_edge.model.retraction import retract_
 from sct_edge.model.transformer import Block, KVCache, build_embedding, build_head, rope_tables, tied_head_logits
 from sct_edge.store.shard_names import block_shard, is_optim, optim_shard, weights_shard
@@ -184,6 +184,7 @@ class Engine:
         self.pager = Pager(store, resident, plan.prefetch_depth, self.device, on_event, trim_heap=plan.pages_blocks,
                            skips=None if replicas is None else self._not_owned_state)
         self.spill = ActivationSpill(store.path) if self.activations == "spill" else None
+        self.memo_arena = MemoArena(plan.memo_bytes) if plan.memo_blocks else None
 
     def _not_owned_state(self, name: str) -> bool:
         """Across replicas, the moments of a shard another rank owns: never read here."""
@@ -344,6 +345,8 @@ class Engine:
         """Every block over every micro-batch; with `turnaround`, what backward needs is kept (or spilled)."""
         graphs: dict[int, KeptGraph] = {}
         memos: dict[int, list[BlockMemo]] = {}
+        if turnaround and self.memo_arena is not None:
+            self.memo_arena.reset()  # the last step's memos were all replayed
         since = time.perf_counter()
         with torch.no_grad():
             if self.workload == "lm":
@@ -371,7 +374,7 @@ class Engine:
                     graphs[i] = KeptGraph(params, inputs, outputs)
                     hidden = [o.detach() for o in outputs]
                 elif turnaround and i in self.plan.memo_layers:  # backward recomputes it from these memos
-                    memos[i] = [BlockMemo() for _ in hidden]
+                    memos[i] = [BlockMemo(arena=self.memo_arena) for _ in hidden]
                     hidden = [self._block(i, weights, h, rope, memo=m) for h, m in zip(hidden, memos[i], strict=True)]
                 else:
                     hidden = [self._block(i, weights, h, rope) for h in hidden]

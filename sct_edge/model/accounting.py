@@ -40,6 +40,8 @@ SLICE_FROM_BYTES = 32 << 20
 # MLP shapes at 4 x 512 (one run each, quiet machine), forward and backward took 0.75 s in slices of 256,
 # 0.79 s in slices of 512 and 0.98 s in slices of 1,024, against 0.90 s unsliced.
 MLP_SLICE_COLUMNS = 256
+# Block memos (`sct_edge/model/memo.py`) start each tensor on a cache line of their arena.
+MEMO_ALIGN_BYTES = 64
 
 
 def mlp_in_slices(tokens: int, ffn: int, element_bytes: int) -> bool:

@@ -50,7 +50,7 @@ class SpectralSwiGLU(torch.autograd.Function):
                 p = F.silu(a_g @ V_g[c : c + chunk].T).mul_(a_u @ V_u[c : c + chunk].T)
                 acc.add_(p @ U_d[c : c + chunk])
             if memo is not None:
-                memo.mlp = (x_g, x_u, acc)
+                memo.mlp = memo.keep(x_g, x_u, acc)
         ctx.save_for_backward(x, x_g, x_u, acc, U_g, s_g, V_g, U_u, s_u, V_u, U_d, s_d, V_d)
         ctx.chunk = chunk
         return (acc.to(dtype) * s_d) @ V_d.T
