@@ -113,13 +113,13 @@ def block_saved_elements(config: ModelConfig, layer: int, batch: int, seq: int, 
     """Elements autograd saves inside block `layer` for one forward of batch × seq (parameters excluded).
 
     Counted from the model's forward (CPU, torch 2.13), per token:
-      attention RMSNorm: its input x (the block input), the normalised x before the weight, its output, and
-        rstd (1);                                                                  3·dim + 1
+      attention RMSNorm: its input x (the block input) and rstd (1), and its output, which the products
+        save (`sct_edge/model/rmsnorm.py`);                                        2·dim + 1
       causal attention: q and k after RoPE, v, the attention output, and the softmax log-sum-exp per head
         (RoPE itself saves only the cos/sin tables, 2 × seq × head_dim for the whole batch);
                                                                   2·dim + 2·kv_dim + n_heads
       additive attention o(q + k + v): the sum fed to o;                             dim
-      MLP RMSNorm: the residual h, the normalised h, its output, rstd;             3·dim + 1
+      MLP RMSNorm: the residual h, rstd, its output;                               2·dim + 1
       SwiGLU: gate output, silu(gate), up output, the product fed to down;        4·ffn_dim
         or, run in FFN slices (`_mlp_sliced`): x·U of gate and up and down's
         rank-wide accumulator, and nothing of gate, up and down themselves;  k_gate + k_up + k_down
@@ -128,7 +128,7 @@ def block_saved_elements(config: ModelConfig, layer: int, batch: int, seq: int, 
     """
     d, kv, f = config.dim, config.kv_dim, config.ffn_dim
     sliced = _mlp_sliced(config, layer, batch, seq, element_bytes)
-    per_token = 3 * d + 1 + 3 * d + 1
+    per_token = 2 * d + 1 + 2 * d + 1
     for path, _, _, rank in block_matrices(config, layer):
         if rank is not None:
             per_token += rank if sliced and ".mlp." in path else 2 * rank

@@ -60,6 +60,7 @@ from sct_edge.model.config import ModelConfig
 from sct_edge.model.loss import IGNORE_INDEX, distill_loss_backward, lm_loss_backward
 from sct_edge.model.memo import BlockMemo, MemoArena
 from sct_edge.model.retraction import retract_
+from sct_edge.model.rmsnorm import rms_norm
 from sct_edge.model.transformer import Block, KVCache, build_embedding, build_head, rope_tables, tied_head_logits
 from sct_edge.store.shard_names import block_shard, is_optim, optim_shard, weights_shard
 
@@ -229,7 +230,7 @@ class Engine:
         return functional_call(self.embed_template, strip_prefix(weights, "embed."), (tokens,))
 
     def _logits(self, head: dict[str, Tensor], embed: dict[str, Tensor] | None, h: Tensor) -> Tensor:
-        h = F.rms_norm(h, (h.shape[-1],), head["norm.weight"], self.config.norm_eps)
+        h = rms_norm(h, head["norm.weight"], self.config.norm_eps)
         with self.autocast():
             if self.head_template is None:
                 return tied_head_logits(strip_prefix(embed, "embed."), h)

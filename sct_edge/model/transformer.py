@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from sct_edge.model.config import ModelConfig
 from sct_edge.model.memo import BlockMemo, causal_attention, replays_attention
+from sct_edge.model.rmsnorm import rms_norm
 from sct_edge.model.spectral import SpectralLinear, init_scale, random_orthonormal, spectral_apply
 from sct_edge.model.swiglu import slices_pay_off, spectral_swiglu
 
@@ -59,7 +60,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device="meta" if _is_meta(device) else None))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_tables(config: ModelConfig, positions: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,41 @@
+"""RMSNorm's closed-form backward: exact against the derivative, equal to autograd through `F.rms_norm`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sct_edge.model.rmsnorm import rms_norm
+
+
+def inputs(shape, dtype=torch.float64):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g, dtype=dtype).requires_grad_()
+    weight = (1 + 0.1 * torch.randn(shape[-1], generator=g, dtype=dtype)).requires_grad_()
+    return x, weight
+
+
+@pytest.mark.parametrize("shape", [(5, 8), (2, 3, 16)])
+def test_gradcheck_in_float64(shape):
+    x, weight = inputs(shape)
+    assert torch.autograd.gradcheck(lambda a, w: rms_norm(a, w, 1e-5), (x, weight))
+
+
+def test_forward_and_gradients_equal_autograd_through_f_rms_norm():
+    x, weight = inputs((4, 7, 64), torch.float32)
+    grad = torch.randn(4, 7, 64, generator=torch.Generator().manual_seed(1))
+    expected = F.rms_norm(x, (64,), weight, 1e-5)
+    expected_grads = torch.autograd.grad(expected, (x, weight), grad)
+    got = rms_norm(x, weight, 1e-5)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(got, (x, weight), grad), expected_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_it_saves_only_its_input_and_the_reciprocal_rms():
+    x, weight = inputs((4, 7, 64), torch.float32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        rms_norm(x, weight, 1e-5)
+    assert sorted(t.numel() for t in saved) == [4 * 7, 64, 4 * 7 * 64]  # rstd, weight, x
