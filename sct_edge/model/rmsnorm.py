@@ -8,7 +8,7 @@ recompute and backward. `RMSNormFunction` runs the forward as torch's fused kern
 reciprocal RMS, saves only the input and that, and computes the backward in closed form:
 
     y = w ⊙ x̂,  x̂ = x · r,  r = (mean(x²) + eps)^(-1/2)
-    ∂x = r · (g ⊙ w − x̂ · mean(g ⊙ w ⊙ x̂)),   ∂w = Σ_tokens g ⊙ x̂
+    ∂x = r · (g ⊙ w − x̂ · mean(g ⊙ w ⊙ x̂)) = r · (g ⊙ w) − x · r³ · mean(g ⊙ w ⊙ x),   ∂w = Σ_tokens g ⊙ x · r
 
 `gradcheck` in float64 checks it against the derivative.
 """
@@ -29,13 +29,17 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         x, weight, rstd = ctx.saved_tensors
-        normalised = x * rstd.to(x.dtype)
+        dim = x.shape[-1]
+        x2, grad2 = x.reshape(-1, dim), grad_y.reshape(-1, dim)
+        r = rstd.reshape(-1, 1).to(x.dtype)
+        weighted = grad2 * weight
+        # ∂x = r·(g ⊙ w) − x·r³·mean(g ⊙ w ⊙ x): the per-token sums as a batch of dot products (a third of the
+        # time of a product and a sum), the rest in place.
+        dots = torch.bmm(weighted.unsqueeze(1), x2.unsqueeze(2)).view(-1, 1)
+        grad_x = weighted.mul_(r).addcmul_(x2, dots * r.pow(3) / dim, value=-1).view_as(x)
         grad_w = None
         if ctx.needs_input_grad[1]:
-            grad_w = (grad_y * normalised).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
-        weighted = grad_y * weight
-        mean = (weighted * normalised).mean(-1, keepdim=True)
-        grad_x = torch.addcmul(weighted, normalised, mean, value=-1).mul_(rstd.to(x.dtype))
+            grad_w = torch.mv((grad2 * x2).T, r.view(-1)).to(weight.dtype)  # Σ_tokens g ⊙ x · r
         return grad_x, grad_w, None
 
 
