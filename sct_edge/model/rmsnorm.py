@@ -33,10 +33,10 @@ class RMSNormFunction(torch.autograd.Function):
         x2, grad2 = x.reshape(-1, dim), grad_y.reshape(-1, dim)
         r = rstd.reshape(-1, 1).to(x.dtype)
         weighted = grad2 * weight
-        # ∂x = r·(g ⊙ w) − x·r³·mean(g ⊙ w ⊙ x): the per-token sums as a batch of dot products (a third of the
-        # time of a product and a sum), the rest in place.
+        # ∂x = r·(g ⊙ w − x·r²·mean(g ⊙ w ⊙ x)): the per-token sums as a batch of dot products (a third of the
+        # time of a product and a sum), the rest in place, subtracting before scaling as the composition does.
         dots = torch.bmm(weighted.unsqueeze(1), x2.unsqueeze(2)).view(-1, 1)
-        grad_x = weighted.mul_(r).addcmul_(x2, dots * r.pow(3) / dim, value=-1).view_as(x)
+        grad_x = weighted.addcmul_(x2, dots * r.square() / dim, value=-1).mul_(r).view_as(x)
         grad_w = None
         if ctx.needs_input_grad[1]:
             grad_w = torch.mv((grad2 * x2).T, r.view(-1)).to(weight.dtype)  # Σ_tokens g ⊙ x · r
