@@ -67,7 +67,8 @@ def assert_store_matches(store: Store, model: Transformer, reference: InMemorySt
         weights, state = store.read(name), store.read(optim_shard(name))
         for key, value in weights.items():
             full = prefix + key
-            torch.testing.assert_close(value, params[full].detach(), rtol=0, atol=1e-5, msg=lambda m: f"{full}: {m}")
+            torch.testing.assert_close(value, params[full].detach(), rtol=0, atol=1e-5,
+                                       msg=lambda m, name=full: f"{name}: {m}")
             m1, m2 = moments[full]
             # Moments scale with the gradient (the hidden-sum loss is a plain sum: gradients in the hundreds), so
             # they are held to 1e-5 relative, weights to 1e-5 absolute.
