@@ -71,9 +71,11 @@ def test_replayed_swiglu_gradcheck_in_float64():
     assert torch.autograd.gradcheck(recorded_then_replayed_mlp, factors(tokens=7, dim=5, ffn=11, rank=3))
 
 
+@pytest.mark.parametrize("autocast", [False, True])  # bfloat16 compute: products and attention in bfloat16
 @pytest.mark.parametrize("arena", [False, True])
 @pytest.mark.parametrize("sliced", [False, True])
-def test_a_block_recomputed_from_its_memo_equals_a_plain_recompute_bit_for_bit(monkeypatch, sliced, arena):
+def test_a_block_recomputed_from_its_memo_equals_a_plain_recompute_bit_for_bit(monkeypatch, sliced, arena,
+                                                                                autocast):
     if sliced:
         monkeypatch.setattr(accounting, "SLICE_FROM_BYTES", 1)  # every size: the MLP in FFN slices
     config = get_preset("tiny").with_ranks(RankPolicy.uniform(4))
@@ -82,16 +84,21 @@ def test_a_block_recomputed_from_its_memo_equals_a_plain_recompute_bit_for_bit(m
     grad = torch.randn_like(x)
     cos, sin = rope_tables(config, torch.arange(9))
 
+    def compute():
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+
     def recompute(memo):
         block.zero_grad(set_to_none=True)
         h = x.clone().requires_grad_()
-        y = block(h, cos, sin, None, memo)
+        with compute():
+            y = block(h, cos, sin, None, memo)
         y.backward(grad)
         return [y.detach(), h.grad] + [p.grad for p in block.parameters()]
 
     memo = BlockMemo(arena=MemoArena(1 << 20) if arena else None)
-    with torch.no_grad():
+    with torch.no_grad(), compute():
         first = block(x, cos, sin, None, memo)
+    assert (memo.attention[0].dtype == torch.bfloat16) == autocast
     assert memo.attention is not None and (memo.mlp is not None) == sliced
     if arena:  # every recorded tensor lives in the arena's buffer
         recorded = [*memo.attention, *(memo.mlp or ())]
