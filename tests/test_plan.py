@@ -399,3 +399,13 @@ def test_auto_gives_every_recomputed_block_a_memo_before_any_block_keeps_its_gra
                      4, 512)
     assert (half.memo_blocks, half.kept_blocks) == (16, 0)
     assert half.predicted_peak_bytes == recompute.predicted_peak_bytes + 16 * per_memo
+
+
+def test_blocks_with_nothing_to_record_get_no_memo_and_auto_still_keeps_graphs():
+    # Additive attention runs no attention kernel, and at 64 tokens the MLP is not in slices: nothing to record.
+    config = small_config(attention="additive", n_kv_heads=4)
+    keep = make_plan(config, profile("100GiB", activations="keep"), 1, 64)
+    short = make_plan(config, profile(f"{keep.predicted_peak_bytes - 1}B", activations="auto"), 1, 64)
+    assert short.activations == "recompute" and short.kept_blocks == config.n_layers - 1
+    assert (short.memo_blocks, short.memo_bytes) == (0, 0)
+    assert "memos of" not in "\n".join(short.describe())

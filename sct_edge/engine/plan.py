@@ -434,6 +434,7 @@ def _step_costs(
     embed_head_params = count.embed.stored + count.head.stored + count.final_norm.stored if workload == "lm" else 0
     boundary_tensor = batch * seq * config.dim * act_bytes
     saved = max(block_saved_elements(config, i, batch, seq, act_bytes) for i in range(config.n_layers)) * act_bytes
+    memo = max(block_memo_elements(config, i, batch, seq, act_bytes) for i in range(config.n_layers)) * act_bytes
     return _StepCosts(
         block_stored=count.block_stored,
         block_params=block_params,
@@ -447,8 +448,7 @@ def _step_costs(
         boundary_grad=micro_batches * boundary_tensor,
         saved=saved,
         # Each memo tensor starts on a cache line of the step's memo arena: five of them a micro-batch at most.
-        memo_per_block=micro_batches * (act_bytes * max(block_memo_elements(config, i, batch, seq, act_bytes)
-                                                        for i in range(config.n_layers)) + 5 * MEMO_ALIGN_BYTES),
+        memo_per_block=micro_batches * (memo + 5 * MEMO_ALIGN_BYTES) if memo else 0,
         transient=backward_transient_elements(config, batch, seq, act_bytes) * act_bytes,
         # bfloat16 compute works on a bf16 copy of the computing block's fp32 weights.
         cast=block_params * 2 if profile.compute_dtype == "bfloat16" else 0,
@@ -586,14 +586,15 @@ def make_plan(
         # leaves a memo for its recompute (in one arena, out of malloc's heap); then, where room remains, the last
         # blocks keep their whole graphs instead (a kept block needs no memo). Counted on top of the recompute
         # working set, though backward frees the graphs before it recomputes.
-        per_memo = c.memo_per_block
-        memos = min(n, max(0, budget - peak) // per_memo) if per_memo else n
-        if memos == n and c.kept_per_block > 0:
+        # A block with nothing to record (additive attention, MLP not in slices) has no memo: per_memo is 0.
+        room, per_memo = max(0, budget - peak), c.memo_per_block
+        if room >= n * per_memo:
             per_graph = math.ceil(c.kept_per_block * (KEPT_GRAPH_HEAP_FACTOR if heap_slack else 1))
-            kept = min(n, max(0, budget - peak - n * per_memo) // max(1, per_graph - per_memo))
+            kept = min(n, (room - n * per_memo) // max(1, per_graph - per_memo))
             kept_bytes = kept * per_graph
-            memos = n - kept
-        memos = memos if per_memo else 0  # a block with nothing to record (additive attention, MLP not sliced)
+            memos = n - kept if per_memo else 0
+        else:
+            memos = room // per_memo
         memo_bytes = memos * per_memo
         peak += kept_bytes + memo_bytes
 
