@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from sct_edge.model import accounting
 from sct_edge.model.config import RankPolicy, get_preset
 from sct_edge.model.memo import BlockMemo, MemoArena, ReplayedAttention, causal_attention
-from sct_edge.model.swiglu import SpectralSwiGLU
+from sct_edge.model.spectral import SharedInputProjections
 from sct_edge.model.transformer import Block, rope_tables
-from tests.test_swiglu import factors
+from tests.test_swiglu import factors, sliced
 
 
 def qkv(dtype=torch.float64, heads: int = 4, kv_heads: int = 2, seq: int = 6, head_dim: int = 8):
@@ -64,9 +64,9 @@ def test_replayed_swiglu_gradcheck_in_float64():
     def recorded_then_replayed_mlp(*args):
         memo = BlockMemo()
         with torch.no_grad():
-            SpectralSwiGLU.apply(*args, 4, torch.float64, memo)
+            sliced(*args, chunk=4, memo=memo)
         assert memo.mlp is not None
-        return SpectralSwiGLU.apply(*args, 4, torch.float64, memo)
+        return sliced(*args, chunk=4, memo=memo)
 
     assert torch.autograd.gradcheck(recorded_then_replayed_mlp, factors(tokens=7, dim=5, ffn=11, rank=3))
 
@@ -100,14 +100,29 @@ def test_a_block_recomputed_from_its_memo_equals_a_plain_recompute_bit_for_bit(m
         first = block(x, cos, sin, None, memo)
     assert (memo.attention[0].dtype == torch.bfloat16) == autocast
     assert memo.attention is not None and (memo.mlp is not None) == sliced
+    assert len(memo.qkv_in) == 3 and len(memo.o_in) == 1
     if arena:  # every recorded tensor lives in the arena's buffer
-        recorded = [*memo.attention, *(memo.mlp or ())]
+        recorded = [*memo.attention, *memo.qkv_in, *memo.o_in, *(memo.mlp or ())]
         assert all(t.untyped_storage().data_ptr() == memo.arena.buffer.data_ptr() for t in recorded)
     plain = recompute(None)
     replayed = recompute(memo)
     assert torch.equal(first, plain[0])
     for a, b in zip(replayed, plain, strict=True):
         assert torch.equal(a, b)
+
+
+def test_replayed_projections_gradcheck_in_float64():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    factors_ = [torch.randn(6, k, generator=g, dtype=torch.float64, requires_grad=True) for k in (4, 2, 3)]
+
+    def recorded_then_replayed_projections(x, *us):
+        with torch.no_grad():
+            recorded = tuple(t.clone() for t in SharedInputProjections.apply(x, None, *us))
+        return SharedInputProjections.apply(x, recorded, *us)
+
+    assert torch.autograd.gradcheck(recorded_then_replayed_projections, (x, *factors_))
+    assert torch.autograd.gradcheck(lambda x, *us: SharedInputProjections.apply(x, None, *us), (x, *factors_))
 
 
 def test_the_arena_keeps_strides_aligns_each_tensor_and_falls_back_when_full():

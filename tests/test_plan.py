@@ -222,10 +222,12 @@ def test_auto_activations_keep_exactly_when_everything_fits_with_kept_graphs():
     recompute = make_plan(config, profile(f"{keep.predicted_peak_bytes - 1}B"), 1, 64)
     assert short.activations == "recompute" and recompute.kept_blocks == 0
     # One byte short of every graph: all but one block keep theirs, on top of the recompute working set, and
-    # the one that recomputes leaves a memo for it (attention output and log-sum-exp; this MLP is not sliced).
+    # the one that recomputes leaves a memo for it: attention output and log-sum-exp, and the rank-32 x·U of q,
+    # k, v and o, each cache-line aligned (this MLP is not sliced).
     per_graph = keep.kept_activation_bytes // config.n_layers
     assert short.kept_blocks == config.n_layers - 1 and short.kept_layers == range(1, config.n_layers)
-    assert short.memo_layers == range(1) and short.memo_bytes == 64 * (config.dim + config.n_heads) * 4 + 5 * 64
+    assert short.memo_layers == range(1)
+    assert short.memo_bytes == 64 * (config.dim + config.n_heads + 4 * 32) * 4 + 6 * 64
     assert short.predicted_peak_bytes == (recompute.predicted_peak_bytes + short.kept_blocks * per_graph
                                           + short.memo_bytes)
     assert short.predicted_peak_bytes <= keep.predicted_peak_bytes - 1
@@ -379,14 +381,15 @@ def test_clipping_holds_every_gradient_only_when_every_block_is_resident_and_the
 
 
 def test_auto_gives_every_recomputed_block_a_memo_before_any_block_keeps_its_graph():
-    from sct_edge.engine.plan import block_memo_elements
+    from sct_edge.engine.plan import block_memo_tensors
     from sct_edge.model.accounting import MEMO_ALIGN_BYTES
 
     config = get_preset("llama3-8b").with_ranks(RankPolicy.uniform(128))
-    # Attention output and log-sum-exp, and (the MLP in slices at 2,048 tokens) gate's, up's and down's x·U.
-    elements = block_memo_elements(config, 0, 4, 512)
-    assert elements == 4 * 512 * (config.dim + config.n_heads + 3 * 128)
-    per_memo = elements * 4 + 5 * MEMO_ALIGN_BYTES  # five tensors in the step's arena, each cache-line aligned
+    # Attention output and log-sum-exp, x·U of q, k, v and o, and (the MLP in slices at 2,048 tokens) gate's,
+    # up's and down's rank-wide tensors.
+    tensors = block_memo_tensors(config, 0, 4, 512)
+    assert tensors == [4 * 512 * n for n in (config.dim, config.n_heads, *[128] * 7)]
+    per_memo = sum(tensors) * 4 + 9 * MEMO_ALIGN_BYTES  # nine tensors in the step's arena, each cache-line aligned
     recompute = make_plan(config, profile("10GiB", activations="recompute"), 4, 512)
     assert recompute.memo_blocks == 0 and recompute.memo_bytes == 0  # asked for plain recompute: no memos
     auto = make_plan(config, profile("10GiB", activations="auto"), 4, 512)

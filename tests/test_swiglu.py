@@ -27,10 +27,22 @@ def factors(tokens: int, dim: int, ffn: int, rank: int, dtype=torch.float64) -> 
     return [t.requires_grad_() for t in out]
 
 
+def sliced(x, *weights, residual=None, chunk=8, dtype=torch.float64, memo=None):
+    """`SpectralSwiGLU` on x and the factors as `factors` orders them."""
+    return SpectralSwiGLU.apply(x, residual, *weights, chunk, dtype, memo)
+
+
 @pytest.mark.parametrize("chunk", [1, 4, 11, 64])  # slices of one column, uneven slices, one slice for all
 def test_gradcheck_in_float64(chunk):
     args = factors(tokens=7, dim=5, ffn=11, rank=3)
-    assert torch.autograd.gradcheck(lambda *a: SpectralSwiGLU.apply(*a, chunk, torch.float64, None), args)
+    assert torch.autograd.gradcheck(lambda *a: sliced(*a, chunk=chunk), args)
+
+
+def test_a_residual_is_added_to_the_output_and_gets_the_output_gradient():
+    args = factors(tokens=7, dim=5, ffn=11, rank=3)
+    residual = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda r, *a: sliced(*a, residual=r, chunk=4), (residual, *args))
+    torch.testing.assert_close(sliced(*args, residual=residual), residual + sliced(*args), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float64, 1e-12), (torch.float32, 1e-5)])
@@ -39,7 +51,7 @@ def test_forward_and_every_gradient_equal_autograd_through_the_plain_composition
     grad_y = torch.randn(33, 16, generator=torch.Generator().manual_seed(3), dtype=dtype)
     expected = plain(*args)
     expected_grads = torch.autograd.grad(expected, args, grad_y)
-    got = SpectralSwiGLU.apply(*args, 8, dtype, None)
+    got = sliced(*args, dtype=dtype)
     got_grads = torch.autograd.grad(got, args, grad_y)
     # Relative to each tensor's norm: float32 sums over the FFN in another order, single entries may cancel.
     for a, b in zip([got, *got_grads], [expected, *expected_grads], strict=True):

@@ -24,7 +24,7 @@ What RAM holds during a step (the terms of `MemoryPlan`):
   the last blocks keep theirs as far as the budget's room goes (`kept_blocks`) and the others recompute: the
   kept graphs are freed by the time backward reaches a recomputed block. Before any graph, with `auto` and
   every block resident, each recomputed block's forward leaves a memo for its recompute
-  (`block_memo_elements`, `sct_edge/model/memo.py`): the attention output and the MLP's rank-wide tensors,
+  (`block_memo_tensors`, `sct_edge/model/memo.py`): the attention output and the MLP's rank-wide tensors,
   which spare the recompute its attention kernel and FFN slices for far fewer bytes than a kept graph.
 - the logits working set ("lm"): the loss is taken a chunk of tokens at a time (`sct_edge/model/loss.py`),
   so one chunk's float32 logits, log-softmax and their gradient (3 × chunk × vocab × 4 B, plus the
@@ -146,14 +146,25 @@ def block_saved_elements(config: ModelConfig, layer: int, batch: int, seq: int, 
     return batch * seq * per_token + tables
 
 
-def block_memo_elements(config: ModelConfig, layer: int, batch: int, seq: int, element_bytes: int = FP32) -> int:
-    """Elements block `layer`'s memo holds for one micro-batch of batch × seq (`sct_edge/model/memo.py`):
-    causal attention's output and per-head log-sum-exp (dim + n_heads a token), and, with the MLP in FFN slices,
-    x·U of gate and up and down's rank-wide accumulator (k_gate + k_up + k_down a token)."""
-    per_token = 0 if config.attention == "additive" else config.dim + config.n_heads
+def block_memo_tensors(config: ModelConfig, layer: int, batch: int, seq: int, element_bytes: int = FP32) -> list[int]:
+    """Elements of each tensor block `layer`'s memo holds for one micro-batch of batch × seq
+    (`sct_edge/model/memo.py`). Causal attention: its output and per-head log-sum-exp (dim and n_heads a
+    token), x·U of q, k and v when all three are spectral (k_q, k_k, k_v) and the output · U of a spectral o
+    (k_o). With the MLP in FFN slices: x·U of gate and up and down's rank-wide accumulator (k_gate, k_up, k_down).
+    Additive attention records nothing."""
+    tokens = batch * seq
+    ranks = {path: config.ranks.rank_of(f"layers.{layer}.{path}") for path in config.matrix_shapes()}
+    per_token = []
+    if config.attention != "additive":
+        per_token += [config.dim, config.n_heads]
+        qkv = [ranks[f"attn.{m}"] for m in "qkv"]
+        if None not in qkv:
+            per_token += qkv
+        if ranks["attn.o"] is not None:
+            per_token.append(ranks["attn.o"])
     if _mlp_sliced(config, layer, batch, seq, element_bytes):
-        per_token += sum(rank for path, _, _, rank in block_matrices(config, layer) if ".mlp." in path)
-    return batch * seq * per_token
+        per_token += [ranks[f"mlp.{m}"] for m in ("gate", "up", "down")]
+    return [tokens * n for n in per_token]
 
 
 def backward_transient_elements(config: ModelConfig, batch: int, seq: int, element_bytes: int = FP32) -> int:
@@ -343,7 +354,7 @@ class MemoryPlan:
             lines.append(f"  kept forward graphs of the last {self.kept_blocks} blocks (the budget's room; the other "
                          f"{self.n_layers - self.kept_blocks} recompute): {b(self.kept_activation_bytes)}")
         if self.memo_bytes:
-            lines.append(f"  memos of {self.memo_blocks} recomputed blocks (attention output, MLP rank-wide tensors): "
+            lines.append(f"  memos of {self.memo_blocks} recomputed blocks (attention output, rank-wide products): "
                          f"{b(self.memo_bytes)}")
         lines.append(f"  one block's backward working set: {b(self.block_working_set_bytes)}")
         if self.workload == "lm":
@@ -434,7 +445,9 @@ def _step_costs(
     embed_head_params = count.embed.stored + count.head.stored + count.final_norm.stored if workload == "lm" else 0
     boundary_tensor = batch * seq * config.dim * act_bytes
     saved = max(block_saved_elements(config, i, batch, seq, act_bytes) for i in range(config.n_layers)) * act_bytes
-    memo = max(block_memo_elements(config, i, batch, seq, act_bytes) for i in range(config.n_layers)) * act_bytes
+    # Each memo tensor starts on a cache line of the step's memo arena.
+    memo = max(sum(n * act_bytes + MEMO_ALIGN_BYTES for n in block_memo_tensors(config, i, batch, seq, act_bytes))
+               for i in range(config.n_layers))
     return _StepCosts(
         block_stored=count.block_stored,
         block_params=block_params,
@@ -447,8 +460,7 @@ def _step_costs(
         boundary=(2 if activations == "spill" else config.n_layers + 1) * micro_batches * boundary_tensor,
         boundary_grad=micro_batches * boundary_tensor,
         saved=saved,
-        # Each memo tensor starts on a cache line of the step's memo arena: five of them a micro-batch at most.
-        memo_per_block=micro_batches * (memo + 5 * MEMO_ALIGN_BYTES) if memo else 0,
+        memo_per_block=micro_batches * memo,
         transient=backward_transient_elements(config, batch, seq, act_bytes) * act_bytes,
         # bfloat16 compute works on a bf16 copy of the computing block's fp32 weights.
         cast=block_params * 2 if profile.compute_dtype == "bfloat16" else 0,

@@ -15,7 +15,7 @@ forward compute what the first one already had, and what their backward needs of
 
 Given the same input and weights, the recompute would produce exactly what the memo holds, so a step with
 memos equals one without, bit for bit. The memory plan decides which blocks record one
-(`MemoryPlan.memo_layers`) and counts what they hold (`block_memo_elements`).
+(`MemoryPlan.memo_layers`) and counts what they hold (`block_memo_tensors`).
 """
 
 from __future__ import annotations
@@ -68,6 +68,8 @@ class BlockMemo:
     """One block's memo for one micro-batch: empty until the first forward records it, then replayed."""
 
     attention: tuple[Tensor, Tensor] | None = None  # the flash kernel's output and log-sum-exp
+    qkv_in: tuple[Tensor, ...] | None = None  # x·U of spectral q, k and v (`SharedInputProjections`)
+    o_in: tuple[Tensor] | None = None  # the attention output · U of a spectral o
     mlp: tuple[Tensor, Tensor, Tensor] | None = None  # x·U of gate and up, and down's rank-wide accumulator
     arena: MemoArena | None = None  # where the recorded tensors are kept (else where they were computed)
 

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from sct_edge.model import accounting
 from sct_edge.model.memo import BlockMemo
+from sct_edge.model.spectral import rank_out
 
 
 class SpectralSwiGLU(torch.autograd.Function):
@@ -36,7 +37,7 @@ class SpectralSwiGLU(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, U_g, s_g, V_g, U_u, s_u, V_u, U_d, s_d, V_d, chunk, dtype, memo):  # noqa: N803 (the factors' names)
+    def forward(ctx, x, residual, U_g, s_g, V_g, U_u, s_u, V_u, U_d, s_d, V_d, chunk, dtype, memo):  # noqa: N803 (the factors' names)
         inputs = (x, U_g, s_g, V_g, U_u, s_u, V_u, U_d, s_d, V_d)
         ctx.input_dtypes = [t.dtype for t in inputs]
         x, U_g, s_g, V_g, U_u, s_u, V_u, U_d, s_d, V_d = (t.to(dtype) for t in inputs)  # noqa: N806
@@ -53,12 +54,14 @@ class SpectralSwiGLU(torch.autograd.Function):
                 memo.mlp = memo.keep(x_g, x_u, acc)
         ctx.save_for_backward(x, x_g, x_u, acc, U_g, s_g, V_g, U_u, s_u, V_u, U_d, s_d, V_d)
         ctx.chunk = chunk
-        return (acc.to(dtype) * s_d) @ V_d.T
+        ctx.residual_dtype = None if residual is None else residual.dtype
+        return rank_out(acc.to(dtype) * s_d, V_d, residual)
 
     @staticmethod
     def backward(ctx, grad_y):
         x, x_g, x_u, acc, U_g, s_g, V_g, U_u, s_u, V_u, U_d, s_d, V_d = ctx.saved_tensors  # noqa: N806
         dtype = x.dtype
+        grad_residual = None if ctx.residual_dtype is None else grad_y.to(ctx.residual_dtype)
         grad_y = grad_y.to(dtype)
         a_g, a_u = x_g * s_g, x_u * s_u
         acc_c = acc.to(dtype)
@@ -84,10 +87,11 @@ class SpectralSwiGLU(torch.autograd.Function):
         grad_a_g, grad_a_u = grad_a_g.to(dtype), grad_a_u.to(dtype)
         grad_s_g, grad_s_u = (grad_a_g * x_g).sum(0), (grad_a_u * x_u).sum(0)
         grad_x_g, grad_x_u = grad_a_g * s_g, grad_a_u * s_u
-        grad_x = grad_x_g @ U_g.T + grad_x_u @ U_u.T
+        grad_x = (grad_x_g @ U_g.T).addmm_(grad_x_u, U_u.T)  # one x-sized gradient (see SharedInputProjections)
         grad_U_g, grad_U_u = x.T @ grad_x_g, x.T @ grad_x_u
         grads = (grad_x, grad_U_g, grad_s_g, grad_V_g, grad_U_u, grad_s_u, grad_V_u, grad_U_d, grad_s_d, grad_V_d)
-        return (*(g.to(d) for g, d in zip(grads, ctx.input_dtypes, strict=True)), None, None, None)
+        grads = tuple(g.to(d) for g, d in zip(grads, ctx.input_dtypes, strict=True))
+        return grads[0], grad_residual, *grads[1:], None, None, None
 
 
 def _accumulator(dtype: torch.dtype) -> torch.dtype:
@@ -101,8 +105,9 @@ def slices_pay_off(x: Tensor, ffn: int) -> bool:
 
 
 def spectral_swiglu(x: Tensor, gate, up, down, chunk: int = accounting.MLP_SLICE_COLUMNS,
-                    memo: BlockMemo | None = None) -> Tensor:
+                    memo: BlockMemo | None = None, residual: Tensor | None = None) -> Tensor:
     """down(silu(gate(x)) * up(x)) for spectral gate, up and down (U, s, V each), over FFN slices; x is (…, dim).
+    Plus `residual` (…, dim) when given, folded into down's last product where it can be (`rank_out`).
 
     Under autocast the products take autocast's dtype, as a plain composition's would. An empty `memo` records
     the rank-wide tensors backward keeps; a recorded one replaces the slices of the forward with them."""
@@ -110,6 +115,6 @@ def spectral_swiglu(x: Tensor, gate, up, down, chunk: int = accounting.MLP_SLICE
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     flat = x.reshape(-1, x.shape[-1])
     with torch.autocast(device, enabled=False):
-        y = SpectralSwiGLU.apply(flat, gate.U, gate.s, gate.V, up.U, up.s, up.V, down.U, down.s, down.V, chunk,
-                                 dtype, memo)
+        y = SpectralSwiGLU.apply(flat, None if residual is None else residual.reshape(-1, residual.shape[-1]),
+                                 gate.U, gate.s, gate.V, up.U, up.s, up.V, down.U, down.s, down.V, chunk, dtype, memo)
     return y.view(*x.shape[:-1], y.shape[-1])

@@ -23,7 +23,15 @@ from torch import Tensor, nn
 from sct_edge.model.config import ModelConfig
 from sct_edge.model.memo import BlockMemo, causal_attention, replays_attention
 from sct_edge.model.rmsnorm import rms_norm
-from sct_edge.model.spectral import SpectralLinear, init_scale, random_orthonormal, spectral_apply
+from sct_edge.model.rope import apply_rope, rope_tables
+from sct_edge.model.spectral import (
+    SharedInputProjections,
+    SpectralLinear,
+    init_scale,
+    random_orthonormal,
+    rank_out,
+    spectral_apply,
+)
 from sct_edge.model.swiglu import slices_pay_off, spectral_swiglu
 
 
@@ -63,23 +71,6 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-def rope_tables(config: ModelConfig, positions: Tensor) -> tuple[Tensor, Tensor]:
-    """cos and sin (len(positions) × head_dim) in the Hugging Face rotate-half layout: pair (i, i + d/2)."""
-    half = config.head_dim // 2
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(half, dtype=torch.float64) / half))
-    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # In x's dtype: under bfloat16 autocast the float32 tables would promote q and k back to float32.
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
-
-
 @dataclass
 class KVCache:
     """Keys and values of the positions seen so far, for one block during generation."""
@@ -106,14 +97,16 @@ class Attention(nn.Module):
         self.o = make_linear(d, d, rank(f"layers.{layer}.attn.o"), out_std, generator, device)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None,
-                memo: BlockMemo | None = None) -> Tensor:
+                memo: BlockMemo | None = None, residual: Tensor | None = None) -> Tensor:
+        """The attention output projected by o, plus `residual` when given (the block's input)."""
         if self.config.attention == "additive":
-            return self.o(self.q(x) + self.k(x) + self.v(x))
+            return _plus(self.o(self.q(x) + self.k(x) + self.v(x)), residual)
         b, t, _ = x.shape
         c = self.config
-        q = self.q(x).view(b, t, c.n_heads, c.head_dim).transpose(1, 2)
-        k = self.k(x).view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)
-        v = self.v(x).view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        q, k, v = self._qkv(x, memo)
+        q = q.view(b, t, c.n_heads, c.head_dim).transpose(1, 2)
+        k = k.view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        v = v.view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.extend(k, v)
@@ -129,7 +122,39 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=causal and t > 1, enable_gqa=c.n_kv_heads != c.n_heads
             )
-        return self.o(y.transpose(1, 2).reshape(b, t, c.dim))
+        return self._out(y.transpose(1, 2).reshape(b, t, c.dim), memo, residual)
+
+    def _qkv(self, x: Tensor, memo: BlockMemo | None) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k and v of x: spectral ones share their products with x (one input gradient, recorded in a memo)."""
+        maps = (self.q, self.k, self.v)
+        if not _fusable(maps):
+            return tuple(m(x) for m in maps)
+        recorded = memo.qkv_in if memo is not None else None
+        projected = SharedInputProjections.apply(x, recorded, *(m.U for m in maps))
+        if memo is not None and recorded is None:
+            memo.qkv_in = memo.keep(*projected)
+        return tuple(rank_out(xu * m.s, m.V) for xu, m in zip(projected, maps, strict=True))
+
+    def _out(self, y: Tensor, memo: BlockMemo | None, residual: Tensor | None) -> Tensor:
+        """o(y) + residual, the sum folded into o's last product where it can be (`rank_out`)."""
+        if not _fusable((self.o,)):
+            return _plus(self.o(y), residual)
+        recorded = memo.o_in if memo is not None else None
+        (projected,) = SharedInputProjections.apply(y, recorded, self.o.U)
+        if memo is not None and recorded is None:
+            memo.o_in = memo.keep(projected)
+        return rank_out(projected * self.o.s, self.o.V, residual)
+
+
+def _fusable(maps: tuple[nn.Module, ...]) -> bool:
+    """Whether spectral `maps` may be applied by their factors rather than called: not when a hook watches a call
+    (calibration's statistics and tests hook q and o)."""
+    return all(isinstance(m, SpectralLinear) and not (m._forward_hooks or m._forward_pre_hooks) for m in maps) and not (
+        nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+
+
+def _plus(y: Tensor, residual: Tensor | None) -> Tensor:
+    return y if residual is None else residual + y
 
 
 class MLP(nn.Module):
@@ -142,12 +167,13 @@ class MLP(nn.Module):
         self.up = make_linear(d, f, rank(f"layers.{layer}.mlp.up"), 1 / math.sqrt(d), generator, device)
         self.down = make_linear(f, d, rank(f"layers.{layer}.mlp.down"), down_std, generator, device)
 
-    def forward(self, x: Tensor, memo: BlockMemo | None = None) -> Tensor:
+    def forward(self, x: Tensor, memo: BlockMemo | None = None, residual: Tensor | None = None) -> Tensor:
+        """The MLP's output, plus `residual` when given (the block's stream after attention)."""
         spectral = all(isinstance(m, SpectralLinear) for m in (self.gate, self.up, self.down))
         if spectral and slices_pay_off(x, self.up.n_out):
             # No FFN-wide tensor (model/swiglu.py); with a memo, the recompute skips the slices (model/memo.py).
-            return spectral_swiglu(x, self.gate, self.up, self.down, memo=memo)
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+            return spectral_swiglu(x, self.gate, self.up, self.down, memo=memo, residual=residual)
+        return _plus(self.down(F.silu(self.gate(x)) * self.up(x)), residual)
 
 
 class Block(nn.Module):
@@ -164,8 +190,8 @@ class Block(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None,
                 memo: BlockMemo | None = None) -> Tensor:
         """With a `memo`, a forward under no_grad records what the recompute of the same input replays."""
-        h = x + self.attn(self.attn_norm(x), cos, sin, cache, memo)
-        return h + self.mlp(self.mlp_norm(h), memo)
+        h = self.attn(self.attn_norm(x), cos, sin, cache, memo, residual=x)
+        return self.mlp(self.mlp_norm(h), memo, residual=h)
 
 
 class Embedding(nn.Module):

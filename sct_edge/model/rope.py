@@ -1,0 +1,60 @@
+"""Rotary position embedding (RoPE) in the Hugging Face rotate-half layout: the tables and their application.
+
+Written as tensor ops, `x·cos + rotate_half(x)·sin` is five passes over q or k (a product, a negation, a
+concatenation, a second product and a sum) and as many again in backward, each allocating a q-sized tensor.
+`RotaryEmbedding` writes each half of the output in place with two products and a sum (one half-sized scratch),
+and its backward is the inverse rotation done the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sct_edge.model.config import ModelConfig
+
+
+def rope_tables(config: ModelConfig, positions: Tensor) -> tuple[Tensor, Tensor]:
+    """cos and sin (len(positions) × head_dim) in the Hugging Face rotate-half layout: pair (i, i + d/2)."""
+    half = config.head_dim // 2
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(half, dtype=torch.float64) / half))
+    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> Tensor:
+    """Each pair (x₁, x₂) at (i, i + d/2) turned by its angle: (x₁c₁ − x₂s₁, x₂c₂ + x₁s₂), or by minus it.
+
+    Each product is rounded before the sum, as in the composition: a fused multiply-add (`addcmul_`) rounds
+    once, and the engine's equality tests with the in-memory reference, which Adam amplifies, see the change."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c1, c2, s1, s2 = cos[..., :half], cos[..., half:], sin[..., :half], sin[..., half:]
+    out = torch.empty_like(x)  # x's strides: q and k stay (batch, seq, heads)-major, so attention's output does too
+    out1, out2 = out[..., :half], out[..., half:]
+    scratch = torch.empty_like(out1)
+    sign = 1 if inverse else -1  # of the first half's sine term
+    torch.mul(x1, c1, out=out1).add_(torch.mul(x2, s2 if inverse else s1, out=scratch), alpha=sign)
+    torch.mul(x2, c2, out=out2).add_(torch.mul(x1, s1 if inverse else s2, out=scratch), alpha=-sign)
+    return out
+
+
+class RotaryEmbedding(torch.autograd.Function):
+    """RoPE as one rotation in forward and its inverse in backward; saves only the tables."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, inverse=False)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, sin, inverse=True), None, None
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (… × seq × head_dim) rotated by the tables of its positions (seq × head_dim)."""
+    # In x's dtype: under bfloat16 autocast the float32 tables would promote q and k back to float32.
+    return RotaryEmbedding.apply(x, cos.to(x.dtype), sin.to(x.dtype))
