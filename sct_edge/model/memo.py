@@ -1,13 +1,16 @@
 """What a block's first forward hands to its recompute, so that backward does not redo the costly parts.
 
 A recomputing step runs each block's forward twice: under `no_grad` in forward, keeping only the block's input,
-and again in backward, with grad, to rebuild the graph it backpropagates through. Two parts of that second
+and again in backward, with grad, to rebuild the graph it backpropagates through. Three parts of that second
 forward compute what the first one already had, and what their backward needs of it is small:
 
 - attention: the flash kernel's backward needs q, k and v (rebuilt cheaply from rank-wide products) and the
   forward's output and log-sum-exp (tokens × dim and tokens × heads). The first forward records those two;
   the recompute skips the attention kernel and `ReplayedAttention` hands them to the kernel's backward.
   On llama3-8b r128 at 4 × 512 the kernel is about a tenth of a block's forward + recompute + backward.
+- the rank-wide products of spectral q, k, v and o with their inputs (`SharedInputProjections` in
+  `sct_edge/model/spectral.py`; tokens × k each): the recompute replays them instead of multiplying a
+  tokens × dim input by U again, and their backward still gets the input and U it needs.
 - the SwiGLU MLP in FFN slices (`sct_edge/model/swiglu.py`): its backward keeps gate's and up's rank-wide
   projections of x and down's rank-wide accumulator (tokens × k each), and recomputes the FFN-wide slices
   anyway. The first forward records the three; the recompute skips every slice, about half of a spectral

@@ -22,7 +22,7 @@ def spectral_apply(x: Tensor, U: Tensor, s: Tensor, V: Tensor) -> Tensor:
 
 
 class SharedInputProjections(torch.autograd.Function):
-    """x·U for several spectral maps that read the same x (attention's q, k and v), each returned on its own.
+    """x·U for the spectral maps that read the same x (attention's q, k and v; or o alone), each returned on its own.
 
     Left to autograd, each map's input gradient is its own x-sized product, summed by separate passes: on
     llama3-8b r128 at 4 × 512 the three products and two adds took 72–82 ms, against 37–39 ms when each product
