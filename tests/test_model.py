@@ -119,3 +119,32 @@ def test_spectral_init_matches_dense_output_scale():
         spectral = Transformer(config)(tokens).std()
         dense = Transformer(config, spectral=False)(tokens).std()
     assert 0.5 < (spectral / dense).item() < 2.0
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_fused_attention_path_equals_calling_its_modules(autocast):
+    """q, k, v through `SharedInputProjections` and o with the residual folded in give what calling the four
+    modules and adding gives (a forward hook on q makes the block call them, as calibration's hooks do)."""
+    config = small_config()
+    block = Block(config, layer=0, seed=1)
+    x = torch.randn(2, 7, config.dim, generator=torch.Generator().manual_seed(2))
+    grad = torch.randn_like(x)
+    cos, sin = rope_tables(config, torch.arange(7))
+
+    def output_and_gradients():
+        block.zero_grad(set_to_none=True)
+        h = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = block(h, cos, sin)
+        y.backward(grad)
+        return [y.detach(), h.grad] + [p.grad for p in block.parameters()]
+
+    fused = output_and_gradients()
+    calls = []
+    hook = block.attn.q.register_forward_hook(lambda *_: calls.append(1))
+    called = output_and_gradients()
+    hook.remove()
+    assert calls == [1]  # the hooked path did call q
+    tolerance = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-6)
+    for a, b in zip(fused, called, strict=True):
+        torch.testing.assert_close(a, b, **tolerance)

@@ -83,6 +83,31 @@ def test_block_formula_matches_autograd(config, batch, seq, sliced, monkeypatch)
     assert block_saved_elements(config, 0, batch, seq) * 4 == autograd_saved_bytes(config, batch, seq)
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        small_config(),
+        small_config(ranks=RankPolicy(attn=None, mlp=None)),
+        small_config(ranks=RankPolicy(attn=8, mlp=12, overrides={"layers.0.attn.k": None})),  # k dense
+        small_config(n_kv_heads=4, attention="additive"),
+    ],
+    ids=["gqa-spectral", "dense", "dense-k", "additive-attention"],
+)
+@pytest.mark.parametrize("sliced", [False, True], ids=["plain-mlp", "sliced-mlp"])
+def test_the_memo_the_plan_counts_is_the_memo_a_block_records(config, sliced, monkeypatch):
+    if sliced:
+        monkeypatch.setattr(accounting, "SLICE_FROM_BYTES", 1)
+    from sct_edge.engine.plan import block_memo_tensors
+    from sct_edge.model.memo import BlockMemo
+
+    memo = BlockMemo()
+    cos, sin = rope_tables(config, torch.arange(5))
+    with torch.no_grad():
+        Block(config, 0)(torch.randn(3, 5, config.dim), cos, sin, None, memo)
+    recorded = [t.numel() for part in (memo.attention, memo.qkv_in, memo.o_in, memo.mlp) for t in part or ()]
+    assert sorted(recorded) == sorted(block_memo_tensors(config, 0, 3, 5))
+
+
 def test_everything_resident_under_a_huge_budget():
     config = small_config()
     plan = make_plan(config, profile("100GiB"), batch=2, seq=16)
