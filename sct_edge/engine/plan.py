@@ -24,8 +24,9 @@ What RAM holds during a step (the terms of `MemoryPlan`):
   the last blocks keep theirs as far as the budget's room goes (`kept_blocks`) and the others recompute: the
   kept graphs are freed by the time backward reaches a recomputed block. Before any graph, with `auto` and
   every block resident, each recomputed block's forward leaves a memo for its recompute
-  (`block_memo_tensors`, `sct_edge/model/memo.py`): the attention output and the MLP's rank-wide tensors,
-  which spare the recompute its attention kernel and FFN slices for far fewer bytes than a kept graph.
+  (`block_memo_tensors`, `sct_edge/model/memo.py`): the attention output, the rank-wide x·U of q, k, v and o
+  and the MLP's rank-wide tensors, which spare the recompute its attention kernel, those products and the FFN
+  slices for far fewer bytes than a kept graph.
 - the logits working set ("lm"): the loss is taken a chunk of tokens at a time (`sct_edge/model/loss.py`),
   so one chunk's float32 logits, log-softmax and their gradient (3 × chunk × vocab × 4 B, plus the
   compute-dtype logits and the head's matrices cast once when that is not float32) and the head's gradient
@@ -597,7 +598,7 @@ def make_plan(
         # the loss chunk's logits, log-softmax and gradient (up to CHUNK_LOGIT_BYTES each, counted in the logits
         # working set): as fresh mmaps, llama3-8b r128's loss at 4 × 512 took 2.9–3.0 s a step, from the heap
         # 1.9–2.1 s. Freed after the loss, they serve the first blocks' backward.
-        heap_limit = max(2 * c.boundary_tensor, 2 * CHUNK_LOGIT_BYTES)
+        heap_limit = max(2 * c.boundary_tensor, 2 * CHUNK_LOGIT_BYTES if workload == "lm" else 0)
         heap_slack = HEAP_SLACK_TENSORS * c.boundary_tensor
         peak += heap_slack
     kept, kept_bytes = (resident, resident * c.kept_per_block) if keep else (0, 0)
