@@ -22,6 +22,7 @@ from sct_edge.engine.memory_cap import cgroup_available
 from sct_edge.engine.process import current_process_settings
 from sct_edge.model.accounting import CHUNK_LOGIT_BYTES
 from sct_edge.model.config import RankPolicy, get_preset
+from sct_edge.model.retraction import retract_
 from sct_edge.model.transformer import dense_config
 from sct_edge.store.store import MANIFEST, Store
 
@@ -167,7 +168,10 @@ def test_a_profile_is_summed_by_kind_of_op():
         logits = (a @ a) * 2.0
         F.cross_entropy(logits, torch.zeros(64, dtype=torch.long))
         torch.linalg.cholesky(a @ a.T + 64 * torch.eye(64))
+    with torch.profiler.profile() as retracting:
+        retract_([torch.randn(4096, 64)])  # OpenBLAS, not torch ops: seen only through its recorded range
     kinds = time_by_kind(profiler.key_averages())
+    assert time_by_kind(retracting.key_averages())["retraction"] > 0
     assert set(kinds) == {"attention", "GEMM", "loss", "retraction", "optimizer", "element-wise", "other"}
     assert kinds["GEMM"] > 0 and kinds["loss"] > 0 and kinds["retraction"] > 0 and kinds["element-wise"] > 0
     assert kinds["attention"] == kinds["optimizer"] == 0

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from sct_edge.errors import SctError
-from sct_edge.model.retraction import RetractionResult, householder_retraction, orthonormality_error, retract_
+from sct_edge.model.retraction import (
+    RetractionResult,
+    householder_retraction,
+    orthonormality_error,
+    retract_,
+    uses_openblas,
+)
 
 SHAPES = [(16, 4), (64, 8), (200, 16), (33, 33)]
 DTYPES = [torch.float32, torch.float64]
@@ -20,8 +26,9 @@ MATCH_TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
 def _orthonormal(n: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Row-major, as the trainer's factors are (so `retract_` computes with OpenBLAS)."""
     g = torch.Generator().manual_seed(seed)
-    return householder_retraction(torch.randn(n, k, dtype=torch.float64, generator=g)).to(dtype)
+    return householder_retraction(torch.randn(n, k, dtype=torch.float64, generator=g)).to(dtype).contiguous()
 
 
 def _adamw_step(u: torch.Tensor, lr: float, seed: int) -> torch.Tensor:
@@ -42,6 +49,14 @@ def _ill_conditioned(n: int, k: int, cond: float, seed: int) -> torch.Tensor:
     right = householder_retraction(torch.randn(k, k, dtype=torch.float64, generator=g))
     sigma = torch.logspace(0, -torch.log10(torch.tensor(cond)).item(), k, dtype=torch.float64)
     return ((left * sigma) @ right.T).float()
+
+
+@pytest.fixture(params=["openblas", "torch"])
+def products(request) -> str:
+    """Which products `retract_` uses for a test's narrow row-major factors: OpenBLAS's when torch computes on
+    one thread, torch's general products on two (see `THREADED_MIN_RANK`)."""
+    torch.set_num_threads(1 if request.param == "openblas" else 2)
+    return request.param
 
 
 def test_householder_retraction_is_q_with_positive_r_diagonal():
@@ -74,11 +89,16 @@ def test_orthonormality_error_is_frobenius_distance_from_identity():
     assert orthonormality_error(m[:1]) == 0.0
 
 
+@pytest.mark.parametrize("row_major", [True, False], ids=["openblas", "torch"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,k", SHAPES)
-def test_retraction_after_adamw_step_matches_householder(n, k, dtype):
+def test_retraction_after_adamw_step_matches_householder(n, k, dtype, row_major):
+    """Row-major factors take OpenBLAS's products (narrow ones when torch computes on one thread); column-major
+    ones, like factors on other devices, torch's."""
+    torch.set_num_threads(1)
     u = _orthonormal(n, k, dtype, seed=n + k)
-    p = _adamw_step(u, lr=0.1, seed=n * k)
+    p = _adamw_step(u if row_major else u.mT.contiguous().mT, lr=0.1, seed=n * k)
+    assert uses_openblas(p) is row_major
     moved = p.detach().clone()
     assert orthonormality_error(moved) > 0.1  # the step really left the manifold
 
@@ -92,6 +112,7 @@ def test_retraction_after_adamw_step_matches_householder(n, k, dtype):
     assert result.max_error == pytest.approx(orthonormality_error(p), abs=ORTHO_TOL[dtype])
 
 
+@pytest.mark.usefixtures("products")
 def test_moderately_conditioned_input_takes_the_second_pass():
     """κ = 50: one CholeskyQR pass leaves ~eps·κ² off the manifold, the second pass fixes it."""
     m = _ill_conditioned(64, 8, cond=50.0, seed=1)
@@ -102,6 +123,7 @@ def test_moderately_conditioned_input_takes_the_second_pass():
     assert (f - householder_retraction(m)).abs().max().item() <= 1e-5
 
 
+@pytest.mark.usefixtures("products")
 def test_tol_zero_forces_the_second_pass_everywhere():
     fs = [_adamw_step(_orthonormal(40, 6, torch.float32, seed=i), lr=0.05, seed=i).detach() for i in range(3)]
     moved = [f.clone() for f in fs]
@@ -111,6 +133,7 @@ def test_tol_zero_forces_the_second_pass_everywhere():
         assert (f - householder_retraction(m)).abs().max().item() <= 1e-5
 
 
+@pytest.mark.usefixtures("products")
 @pytest.mark.parametrize("cond", [1e4, 1e6])
 def test_ill_conditioned_input_falls_back_to_householder(cond):
     good = [_adamw_step(_orthonormal(48, 6, torch.float32, seed=i), 0.1, seed=i).detach() for i in range(3)]
@@ -127,6 +150,7 @@ def test_ill_conditioned_input_falls_back_to_householder(cond):
         assert (f[:, :-1] - householder_retraction(m)[:, :-1]).abs().max().item() <= 1e-5
 
 
+@pytest.mark.usefixtures("products")
 def test_rank_deficient_input_falls_back_and_stays_orthonormal():
     m = _orthonormal(30, 5, torch.float32, seed=3) + 0.01
     m[:, 3] = m[:, 1]  # exactly dependent columns: the Gram matrix is singular
@@ -138,6 +162,7 @@ def test_rank_deficient_input_falls_back_and_stays_orthonormal():
     assert (f[:, :3] - householder_retraction(m)[:, :3]).abs().max().item() <= 1e-5
 
 
+@pytest.mark.usefixtures("products")
 def test_mixed_list_equals_one_at_a_time():
     specs = [
         (32, 4, torch.float32),
@@ -164,6 +189,7 @@ def test_mixed_list_equals_one_at_a_time():
         assert orthonormality_error(f) <= 1e-5
 
 
+@pytest.mark.usefixtures("products")
 def test_non_contiguous_views_are_retracted_in_place():
     storage = torch.zeros(64, 20, dtype=torch.float64)
     block = storage[:, 4:12]  # a column slice: rows are strided
@@ -199,6 +225,7 @@ def test_bad_factors_are_sct_errors(factor, message):
         retract_([torch.randn(6, 2), factor])
 
 
+@pytest.mark.usefixtures("products")
 def test_non_finite_factor_is_an_error_naming_it():
     ok = torch.randn(10, 3)
     bad = torch.randn(10, 3)
@@ -212,6 +239,7 @@ def test_householder_retraction_rejects_wide_matrices():
         householder_retraction(torch.randn(2, 3))
 
 
+@pytest.mark.usefixtures("products")
 def test_finite_factor_whose_gram_overflows_falls_back():
     m = _adamw_step(_orthonormal(20, 3, torch.float32, seed=8), lr=0.1, seed=9).detach() * 1e20
     f = m.clone()
@@ -245,3 +273,47 @@ def test_bench_retraction_runs_and_reports_agreement():
     assert report["preset"] == "sct-70b" and row["rank"] == 2 and row["factors"] == 14
     assert row["fast_s"] > 0 and row["householder_s"] > 0 and row["fallbacks"] == 0
     assert row["max_abs_diff"] <= 1e-5 and row["max_orthonormality_error"] <= 1e-5
+
+
+def test_openblas_and_torch_products_land_on_the_same_point():
+    """A row-major factor takes OpenBLAS's products, a column-major view of the same values torch's."""
+    torch.set_num_threads(2)
+    moved = _adamw_step(_orthonormal(160, 64, torch.float32, seed=11), lr=0.1, seed=12).detach()
+    on_blas = moved.clone()
+    on_torch = torch.empty(64, 160).mT
+    on_torch.copy_(moved)
+    assert uses_openblas(on_blas) and not uses_openblas(on_torch)
+
+    first, second = retract_([on_blas]), retract_([on_torch])
+
+    assert first.fallbacks == second.fallbacks == 0
+    assert (on_blas - on_torch).abs().max().item() <= 1e-6
+    assert (on_blas - householder_retraction(moved)).abs().max().item() <= 1e-5
+    assert first.max_error == pytest.approx(second.max_error, abs=1e-6)
+
+
+def test_the_result_does_not_depend_on_the_number_of_threads():
+    """Each factor is one single-threaded OpenBLAS computation, whichever thread runs it: bit for bit."""
+    factors = [
+        _adamw_step(_orthonormal(n, 64, torch.float32, seed=n), lr=0.05, seed=n + 1).detach()
+        for n in (64, 200, 80, 128, 96)
+    ]
+    results = {}
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        assert all(uses_openblas(f) for f in factors)
+        work = [f.clone() for f in factors]
+        results[threads] = (retract_(work), work)
+    for threads in (2, 3):
+        assert results[threads][0] == results[1][0]
+        for a, b in zip(results[threads][1], results[1][1], strict=True):
+            assert torch.equal(a, b)
+
+
+def test_a_factor_written_by_openblas_has_its_version_bumped():
+    """In-place writes through the data pointer are still visible to autograd's saved-tensor checks."""
+    p = torch.nn.Parameter(_adamw_step(_orthonormal(128, 64, torch.float32, seed=13), lr=0.1, seed=14).detach())
+    assert uses_openblas(p)
+    before = p._version
+    retract_([p])
+    assert p._version > before

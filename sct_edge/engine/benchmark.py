@@ -33,6 +33,7 @@ from sct_edge.engine.flops import mfu, training_step_flops
 from sct_edge.errors import SctError
 from sct_edge.events import memory_snapshot
 from sct_edge.model.config import ModelConfig, RankPolicy, get_preset
+from sct_edge.model.retraction import PROFILER_LABEL
 
 
 @dataclass
@@ -129,7 +130,7 @@ OP_KINDS = (
     ("attention", ("scaled_dot_product", "_efficient_attention", "_flash_attention")),
     ("GEMM", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear")),
     ("loss", ("log_softmax", "nll_loss", "cross_entropy")),
-    ("retraction", ("linalg_", "cholesky", "triangular")),
+    ("retraction", (PROFILER_LABEL, "linalg_", "cholesky", "triangular")),
     ("optimizer", ("adamw", "_foreach_", "lerp", "addcdiv", "addcmul")),
     ("element-wise", ("aten::",)),
 )

@@ -21,36 +21,40 @@ while CholeskyQR2 stays below 1e-6). So agreement to 1e-5 in float32 holds exact
 about 100, and `retract_` hands any factor beyond that (or whose Gram matrix is not numerically positive
 definite) to Householder, so the result matches the reference for every input.
 
-The fast path, factor by factor (each factor's data stays in cache from its first matmul to its last):
+The fast path, factor by factor (each factor's data stays in cache from its first product to its last):
 
-1. G = MᵀM, L = cholesky_ex(G), T = L⁻ᵀ formed explicitly (k x k, cheap), and Q = M T as a general
-   matmul into a scratch buffer; MKL's triangular solve is several times slower than that matmul on these
-   tall, thin shapes;
-2. the Gram matrix of Q gives its orthonormality error, which is both the reported figure and the
-   acceptance test: after an optimizer step κ(M) is close to 1, one pass is already as orthonormal as two
-   (and as Householder), so Q is copied over the factor if the error is within `tol`, the factorisation
-   succeeded, and max/min of diag(L) (a lower bound on κ(M)) is within `max_cond`;
-3. otherwise the factor still holds M: it falls back to Householder if info != 0, G is not finite, or
-   κ(M) = κ(L) exceeds `max_cond` (a norm bound on L and L⁻¹, and the singular values of L where that bound
-   is loose); if not, the second CholeskyQR pass runs on Q.
+1. G = MᵀM (lower triangle only, `syrk`), L = cholesky(G), and L⁻¹ (k x k, cheap). If G is not finite, the
+   factorisation fails, or κ(M) = κ(L) exceeds `max_cond` (a norm bound on L and L⁻¹, and the singular values
+   of L where that bound is loose), the factor goes to Householder untouched;
+2. otherwise Q = M L⁻ᵀ by a triangular solve in place (`trsm`), and the Gram matrix of Q gives its
+   orthonormality error, which is both the reported figure and the acceptance test: after an optimizer step
+   κ(M) is close to 1 and one pass is already as orthonormal as two (and as Householder);
+3. a factor short of `tol` takes the second CholeskyQR pass on Q, whose Gram matrix is already there.
 
-That is three tall-skinny matmuls per factor (2nk² flops each), the fewest that also measure the result;
-CholeskyQR2 plus a measurement takes five. Same-shape factors are not stacked into batches: on two cores,
-stacking (a copy in and out) measured slower than going factor by factor, and so did batching only the
-k x k steps across same-shape factors, because one factor at a time stays in cache across its three matmuls.
-`tools/bench_retraction` times the whole against Householder on the sct-70b shapes. The only extra n x k
-memory is one scratch buffer the size of the largest factor; nothing n x n is ever formed.
+On the CPU the two n x k products run in OpenBLAS (`sct_edge.model.openblas`, for factors of rank 64 and up
+when torch uses more than one thread, see `THREADED_MIN_RANK`): `syrk` and `trsm` do half the
+arithmetic of the general products torch offers for the same jobs: a factor costs 3nk² flops (Gram, solve,
+Gram) where three general products cost 6nk², and the only n x k memory is the factor itself. The factors
+are spread over as many Python threads as torch has compute threads, each running single-threaded OpenBLAS
+(ctypes releases the GIL): one set of threads for the machine's cores, not a second pool beside torch's.
+Other factors (narrower, on other devices, or whose columns are not adjacent in memory) take the same steps
+with torch's products (Q formed as M·L⁻ᵀ into a scratch buffer) in the calling thread (`uses_openblas` says
+which). `tools/bench_retraction` times the whole against Householder on the sct-70b shapes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from sct_edge.errors import SctError
+from sct_edge.model import openblas
 
 # Orthonormality error (Frobenius) at which one CholeskyQR pass is accepted. float32: the
 # one-pass error of a factor after an optimizer step measures 5e-7 (64 x 8) to 3e-6 (28672 x 128), below
@@ -61,6 +65,14 @@ DEFAULT_TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 # the model's shapes) exceeds the 1e-5 agreement, so only Householder can reproduce itself. float64: the
 # agreement would hold much further; CholeskyQR2 needs κ well below eps^(-1/2) ≈ 7e7, and 1e6 keeps a margin.
 DEFAULT_MAX_COND = {torch.float32: 1e2, torch.float64: 1e6}
+
+# Narrowest factor that takes OpenBLAS's products when torch computes on more than one thread. Narrower ones
+# are too small for two threads to share: one sct-70b layer (2 threads, ms) measured 14.7 with OpenBLAS against
+# 10.0 with torch's general products at rank 32, 19.4 / 18.3 at 48, 26.1 / 37.9 at 64, 72 / 125 at 128. On
+# one thread OpenBLAS is the faster at every rank (13.2 / 17.3 at rank 32).
+THREADED_MIN_RANK = 64
+
+PROFILER_LABEL = "sct::retraction"  # the range `retract_` records in torch.profiler traces
 
 
 @dataclass
@@ -76,6 +88,14 @@ class RetractionResult:
     factors: int = 0
     fallbacks: int = 0
     second_passes: int = 0
+
+
+@dataclass(frozen=True)
+class _Retracted:
+    """A factor the fast path retracted: the orthonormality error it left, and whether it took two passes."""
+
+    error: float
+    second_pass: bool
 
 
 def _check_matrix(m: Tensor, what: str) -> None:
@@ -107,61 +127,158 @@ def orthonormality_error(m: Tensor) -> float:
     return float(torch.linalg.matrix_norm(m64.mT @ m64 - eye).max())
 
 
-def _condition_at_most(lower: Tensor, upper_inv: Tensor, max_cond: float) -> bool:
-    """Whether κ₂(L) = κ₂(M) is at most `max_cond`, given L and L⁻ᵀ.
+class _Steps(Protocol):
+    """The fast path's steps on one backend, its k x k matrices numpy arrays or torch tensors."""
+
+    in_place: bool  # whether `solve` overwrites M with Q
+
+    def gram(self, f: Tensor): ...  # fᵀf; only its lower triangle is read
+
+    def cholesky(self, gram) -> tuple[object, bool]: ...  # (L, whether the factorisation succeeded)
+
+    def inverse(self, lower): ...  # L⁻¹
+
+    def solve(self, m: Tensor, lower, lower_inv, out: Tensor | None = None) -> Tensor: ...  # Q = M L⁻ᵀ
+
+    def error(self, gram) -> float: ...  # ‖G − I‖_F
+
+    def numpy(self, a) -> np.ndarray: ...
+
+
+class _OpenBlasSteps:
+    """Every step in OpenBLAS, k x k matrices as numpy arrays: no torch op, so it can run in any thread. The
+    triangular solve overwrites M with Q (`out` is M itself or None)."""
+
+    in_place = True
+    gram = staticmethod(openblas.gram_lower)
+    inverse = staticmethod(openblas.inverse_lower)
+
+    def cholesky(self, gram: np.ndarray) -> tuple[np.ndarray, bool]:
+        lower, info = openblas.cholesky_lower(gram)
+        return lower, info == 0
+
+    def solve(self, m: Tensor, lower: np.ndarray, lower_inv: np.ndarray, out: Tensor | None = None) -> Tensor:
+        openblas.solve_lower_transposed_(m, lower)
+        return m
+
+    def error(self, gram: np.ndarray) -> float:
+        """From the lower triangle (zeros above), summed in float64. Element-wise sums, not `np.vdot` or `@`:
+        those call numpy's own OpenBLAS, whose thread pool would wake up and spin on the cores the retraction's
+        threads are using (measured: the whole retraction ran 2x slower)."""
+        squares = np.square(gram, dtype=np.float64)
+        np.fill_diagonal(squares, np.square(np.diagonal(gram) - 1.0, dtype=np.float64) / 2.0)
+        return float(np.sqrt(2.0 * squares.sum()))
+
+    def numpy(self, a: np.ndarray) -> np.ndarray:
+        return a
+
+
+class _TorchSteps:
+    """Every step with torch ops, in the calling thread: Q = M·L⁻ᵀ as a general product into `out`, by default
+    `scratch` (at least as many elements as the largest factor, same dtype and device), so M stays as it is."""
+
+    in_place = False
+
+    def __init__(self, scratch: Tensor) -> None:
+        self.scratch = scratch
+        self.eyes: dict[int, Tensor] = {}
+
+    def eye(self, k: int) -> Tensor:
+        if k not in self.eyes:
+            self.eyes[k] = torch.eye(k, dtype=self.scratch.dtype, device=self.scratch.device)
+        return self.eyes[k]
+
+    def gram(self, f: Tensor) -> Tensor:
+        return f.mT @ f
+
+    def cholesky(self, gram: Tensor) -> tuple[Tensor, bool]:
+        lower, info = torch.linalg.cholesky_ex(gram)
+        return lower, info.item() == 0
+
+    def inverse(self, lower: Tensor) -> Tensor:
+        return torch.linalg.solve_triangular(lower, self.eye(lower.shape[0]), upper=False)
+
+    def solve(self, m: Tensor, lower: Tensor, lower_inv: Tensor, out: Tensor | None = None) -> Tensor:
+        out = self.scratch[: m.numel()].view(m.shape) if out is None else out
+        return torch.mm(m, lower_inv.mT, out=out)
+
+    def error(self, gram: Tensor) -> float:
+        return torch.dist(gram, self.eye(gram.shape[0])).item()
+
+    def numpy(self, a: Tensor) -> np.ndarray:
+        return a.cpu().numpy()
+
+
+def _condition_at_most(lower: np.ndarray, lower_inv: np.ndarray, max_cond: float) -> bool:
+    """Whether κ₂(L) = κ₂(M) is at most `max_cond`, for the Cholesky factor L of MᵀM and its inverse; False
+    where either holds Inf or NaN (MᵀM overflowed, or M is not finite).
 
     First the bound ‖A‖₂ <= sqrt(‖A‖₁‖A‖∞) applied to L and L⁻¹: a few k x k reductions, and within a few
     percent for the near-identity L of a factor after an optimizer step, but up to ~k/5 too high for a
     genuinely ill-conditioned M; only when it is inconclusive, the exact value from the singular values of L.
     """
-    a, b = lower.abs(), upper_inv.abs()
-    bound = (a.sum(-2).amax() * a.sum(-1).amax() * b.sum(-2).amax() * b.sum(-1).amax()).sqrt()
+    a, b = np.abs(lower), np.abs(lower_inv)
+    with np.errstate(over="ignore", invalid="ignore"):  # Inf and NaN are answered below
+        bound = float(np.sqrt(a.sum(0).max() * a.sum(1).max() * b.sum(0).max() * b.sum(1).max()))
     if bound <= max_cond:
         return True
-    sigma = torch.linalg.svdvals(lower.to(torch.float64))
+    if not np.isfinite(bound):
+        return False
+    sigma = openblas.singular_values(lower)
     return bool(sigma[0] <= max_cond * sigma[-1])
 
 
-def _inverse_transpose(lower: Tensor, eye: Tensor) -> Tensor:
-    """L⁻ᵀ (upper triangular) of a lower-triangular L; `eye` is the identity of its size."""
-    return torch.linalg.solve_triangular(lower, eye, upper=False).mT
+def _retract_one(f: Tensor, steps: _Steps, tol: float, max_cond: float) -> _Retracted | None:
+    """Retract one factor in place by CholeskyQR; None hands it to Householder QR, as it then is.
+
+    None leaves f holding M (a failed factorisation, κ(M) above `max_cond`, M or MᵀM not finite) or, short of
+    NaN unreachable, the first pass's Q when the second pass cannot factorise its Gram matrix: Householder QR
+    of that Q is the same point as of M.
+    """
+    lower, ok = steps.cholesky(steps.gram(f))
+    if not ok:
+        return None
+    lower_inv = steps.inverse(lower)
+
+    def well_conditioned() -> bool:
+        return _condition_at_most(steps.numpy(lower), steps.numpy(lower_inv), max_cond)
+
+    # Falling back needs M. Where Q overwrites it, κ(M) is checked first; where Q is formed beside it, only
+    # once one pass has fallen short of `tol`, which after an optimizer step it does not.
+    if steps.in_place and not well_conditioned():
+        return None
+    q = steps.solve(f, lower, lower_inv)
+    gram = steps.gram(q)
+    error = steps.error(gram)
+    if error <= tol:
+        if q is not f:
+            f.copy_(q)
+        return _Retracted(error, second_pass=False)
+    if not steps.in_place and not well_conditioned():
+        return None
+    # Well conditioned, only short of `tol` after one pass: the second pass, on the first pass's Q, into f.
+    lower, ok = steps.cholesky(gram)
+    if not ok:
+        return None
+    steps.solve(q, lower, steps.inverse(lower), out=f)
+    return _Retracted(steps.error(steps.gram(f)), second_pass=True)
 
 
-def _retract_one(
-    f: Tensor, buf: Tensor, eye: Tensor, tol: float, max_cond: float, index: int, result: RetractionResult
-) -> float:
-    """Retract one factor in place, using `buf` (same shape) for the product; returns the error it leaves."""
-    gram = f.mT @ f
-    lower, info = torch.linalg.cholesky_ex(gram)
-    upper_inv = _inverse_transpose(lower, eye)
-    torch.mm(f, upper_inv, out=buf)
-    new_gram = buf.mT @ buf
-    error = torch.dist(new_gram, eye).item()
-    low, high = lower.diagonal().aminmax()
-    # The common case: the factorisation worked, one pass reached `tol`, and the diagonal of L (whose
-    # max/min is a lower bound on κ(M)) does not already show an ill-conditioned input.
-    if info.item() == 0 and error <= tol and high.item() <= max_cond * low.item():
-        f.copy_(buf)
-        return error
+def uses_openblas(f: Tensor) -> bool:
+    """Whether `retract_` computes `f` with OpenBLAS's products under torch's compute threads now (a CPU float
+    matrix with adjacent columns, of rank `THREADED_MIN_RANK` or more unless torch computes on one thread)."""
+    return openblas.supports(f) and (torch.get_num_threads() == 1 or f.shape[1] >= THREADED_MIN_RANK)
 
-    # f still holds the input, so whatever happens next can start from it.
-    if info != 0 or not bool(torch.isfinite(gram).all()) or not _condition_at_most(lower, upper_inv, max_cond):
-        if not bool(torch.isfinite(f).all()):
-            raise SctError(f"retraction: factor #{index} ({f.shape[0]} x {f.shape[1]}) holds NaN or Inf")
-        result.fallbacks += 1
-        f.copy_(householder_retraction(f))
-        return torch.dist(f.mT @ f, eye).item()
 
-    # Well conditioned, only short of `tol` after one pass: the second CholeskyQR pass, on the first-pass
-    # result (κ close to 1, so its factorisation cannot fail short of NaN), written straight into f.
-    lower2, info2 = torch.linalg.cholesky_ex(new_gram)
-    if info2 != 0:
-        result.fallbacks += 1
-        f.copy_(householder_retraction(f))
-    else:
-        result.second_passes += 1
-        torch.mm(buf, _inverse_transpose(lower2, eye), out=f)
-    return torch.dist(f.mT @ f, eye).item()
+def _spread(indices: list[int], factors: Sequence[Tensor], workers: int) -> list[list[int]]:
+    """The factors split into `workers` lists of about equal work: largest first, each to the lightest list."""
+    lists: list[list[int]] = [[] for _ in range(workers)]
+    loads = [0] * workers
+    for i in sorted(indices, key=lambda i: -factors[i].numel()):
+        lightest = loads.index(min(loads))
+        lists[lightest].append(i)
+        loads[lightest] += factors[i].numel()
+    return lists
 
 
 def retract_(
@@ -180,28 +297,57 @@ def retract_(
     matrix with n >= k >= 1, or that holds NaN or Inf, is a `SctError`. Factors may be any strided views
     (of a larger store, say); they are written in place.
     """
-    result = RetractionResult(factors=len(factors))
-    sizes: dict[tuple[torch.dtype, torch.device], int] = {}
     for index, f in enumerate(factors):
         if f.ndim != 2:
             raise SctError(f"retraction: factor #{index} has shape {tuple(f.shape)}, expected a 2-D n x k matrix")
         _check_matrix(f, f"retraction: factor #{index}")
-        key = (f.dtype, f.device)
-        sizes[key] = max(sizes.get(key, 0), f.numel())
+    # A named range in torch.profiler traces: OpenBLAS's calls are not torch ops, so it would not see them.
+    with torch.profiler.record_function(PROFILER_LABEL):
+        return _retract_all([f.detach() for f in factors], tol, max_cond)
 
-    # One product buffer per dtype and device, as large as the largest factor, shared by all of them.
-    flat = {key: torch.empty(size, dtype=key[0], device=key[1]) for key, size in sizes.items()}
-    eyes: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
-    worst = 0.0
-    with torch.no_grad():
-        for index, f in enumerate(factors):
-            n, k = f.shape
-            eye = eyes.get((k, f.dtype, f.device))
-            if eye is None:
-                eye = eyes[k, f.dtype, f.device] = torch.eye(k, dtype=f.dtype, device=f.device)
-            tol_ = DEFAULT_TOL[f.dtype] if tol is None else tol
-            cond_ = DEFAULT_MAX_COND[f.dtype] if max_cond is None else max_cond
-            buf = flat[f.dtype, f.device][: n * k].view(n, k)
-            worst = max(worst, _retract_one(f, buf, eye, tol_, cond_, index, result))
-    result.max_error = worst
+
+def _retract_all(factors: list[Tensor], tol: float | None, max_cond: float | None) -> RetractionResult:
+    limits = [
+        (DEFAULT_TOL[f.dtype] if tol is None else tol, DEFAULT_MAX_COND[f.dtype] if max_cond is None else max_cond)
+        for f in factors
+    ]
+    outcomes: list[_Retracted | None] = [None] * len(factors)
+
+    def run(indices: list[int], steps: _Steps) -> None:
+        for i in indices:
+            outcomes[i] = _retract_one(factors[i], steps, *limits[i])
+
+    on_blas = [i for i, f in enumerate(factors) if uses_openblas(f)]
+    lists = _spread(on_blas, factors, min(torch.get_num_threads(), len(on_blas)))
+    if len(lists) > 1:
+        with ThreadPoolExecutor(max_workers=len(lists) - 1) as pool:
+            running = [pool.submit(run, indices, _OpenBlasSteps()) for indices in lists[1:]]
+            run(lists[0], _OpenBlasSteps())
+            for future in running:
+                future.result()
+    elif lists:
+        run(lists[0], _OpenBlasSteps())
+    on_torch = sorted(set(range(len(factors))) - set(on_blas))
+    if on_torch:
+        # One scratch buffer per dtype and device, as large as the largest of those factors.
+        sizes: dict[tuple[torch.dtype, torch.device], int] = {}
+        for i in on_torch:
+            key = (factors[i].dtype, factors[i].device)
+            sizes[key] = max(sizes.get(key, 0), factors[i].numel())
+        steps = {key: _TorchSteps(torch.empty(size, dtype=key[0], device=key[1])) for key, size in sizes.items()}
+        for i in on_torch:
+            run([i], steps[factors[i].dtype, factors[i].device])
+
+    result = RetractionResult(factors=len(factors))
+    for index, (f, outcome) in enumerate(zip(factors, outcomes, strict=True)):
+        if outcome is None:
+            if not bool(torch.isfinite(f).all()):
+                raise SctError(f"retraction: factor #{index} ({f.shape[0]} x {f.shape[1]}) holds NaN or Inf")
+            result.fallbacks += 1
+            f.copy_(householder_retraction(f))
+            outcome = _Retracted(orthonormality_error(f), second_pass=False)
+        elif index in on_blas:
+            torch.autograd.graph.increment_version(f)  # written through its pointer, not by a torch op
+        result.second_passes += outcome.second_pass
+        result.max_error = max(result.max_error, outcome.error)
     return result
