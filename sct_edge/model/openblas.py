@@ -1,9 +1,10 @@
 """The few BLAS and LAPACK routines torch does not expose, from OpenBLAS (the `scipy-openblas32` package).
 
-The retraction needs a Gram matrix (`syrk`) and a triangular solve (`trsm`) on tall, thin factors: each is
-half the arithmetic of the general matrix product torch offers for the same job, and OpenBLAS runs them at
-GEMM speed (MKL's, inside torch, is not reachable, and on AMD CPUs its `syrk`/`trsm` run slower than its GEMM),
-plus the small LAPACK steps on k x k matrices (`potrf`, `trtri`, `gesdd`).
+The retraction needs a Gram matrix (`syrk`) and a triangular product (`trmm`) on tall, thin factors: each is
+half the arithmetic of the general matrix product torch offers for the same job. torch's own MKL exports
+neither, and MKL 2026.2 (the `mkl` package) runs both slower than its GEMM on AMD CPUs. Plus the small LAPACK
+steps on k x k matrices (`potrf`, `trtri`, `gesdd`). A triangular solve (`trsm`) would spare forming L⁻¹, but
+OpenBLAS's AVX-512 `trsm` runs at a fifth of its `trmm` (35 against 179 GFLOP/s on one core here).
 
 Threads. The library is set to one thread when this module loads: callers parallelise across factors with
 their own Python threads, which ctypes lets run concurrently (it releases the GIL for the length of each
@@ -22,7 +23,6 @@ import re
 from collections.abc import Callable
 
 import numpy as np
-import scipy_openblas32
 import torch
 from torch import Tensor
 
@@ -30,8 +30,33 @@ _ROW_MAJOR, _LOWER, _TRANS, _RIGHT, _NON_UNIT = 101, 122, 112, 142, 131  # CBLAS
 # LAPACKE on row-major input transposes it in and out; a row-major lower triangle is the column-major upper one,
 # so the k x k routines are called column-major on the transpose, which is the same memory.
 _COL_MAJOR = 102
-_PREFIX = re.search(r"-DBLAS_SYMBOL_PREFIX=(\w+)", scipy_openblas32.get_pkg_config()).group(1)
-_LIB = ctypes.CDLL(os.path.join(scipy_openblas32.get_lib_dir(), scipy_openblas32.get_library(fullname=True)))
+# OpenBLAS picks its kernels when the library loads, from OPENBLAS_CORETYPE or else the CPU, and it takes an
+# AMD Zen 5 (family 0x1A) for a Haswell (the machines sct-edge is built on also set OPENBLAS_CORETYPE=Haswell):
+# AVX2 kernels. Its AVX-512 (SkylakeX) kernels ran syrk 1.6x, trmm 2.1x and GEMM 1.75x faster on one core of
+# such a machine (sct-70b's 28,672 x 128 factors). This copy of OpenBLAS is sct-edge's alone, so on a CPU
+# with AVX-512 (as torch detects it) it loads with the SkylakeX kernels whatever OPENBLAS_CORETYPE says; the
+# variable is changed only for the length of the load, so numpy's and scipy's copies still follow it.
+_CORETYPE = "OPENBLAS_CORETYPE"
+
+
+def _load() -> tuple[ctypes.CDLL, str]:
+    before = os.environ.get(_CORETYPE)
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":
+        os.environ[_CORETYPE] = "SKYLAKEX"
+    try:
+        import scipy_openblas32  # its import loads the library: the kernels are chosen here
+
+        path = os.path.join(scipy_openblas32.get_lib_dir(), scipy_openblas32.get_library(fullname=True))
+        prefix = re.search(r"-DBLAS_SYMBOL_PREFIX=(\w+)", scipy_openblas32.get_pkg_config()).group(1)
+    finally:
+        if before is None:
+            os.environ.pop(_CORETYPE, None)
+        else:
+            os.environ[_CORETYPE] = before
+    return ctypes.CDLL(path), prefix
+
+
+_LIB, _PREFIX = _load()
 _LIB[f"{_PREFIX}openblas_set_num_threads"](1)
 
 _INT, _PTR, _CHAR = ctypes.c_int, ctypes.c_void_p, ctypes.c_char
@@ -51,12 +76,14 @@ _SYRK = {
     d: _routine(f"cblas_{_LETTER[d]}syrk", [_INT] * 5 + [_SCALAR[d], _PTR, _INT, _SCALAR[d], _PTR, _INT])
     for d in _SCALAR
 }
-_TRSM = {
-    d: _routine(f"cblas_{_LETTER[d]}trsm", [_INT] * 7 + [_SCALAR[d], _PTR, _INT, _PTR, _INT])
+_TRMM = {
+    d: _routine(f"cblas_{_LETTER[d]}trmm", [_INT] * 7 + [_SCALAR[d], _PTR, _INT, _PTR, _INT])
     for d in _SCALAR
 }
 _POTRF = {d: _routine(f"LAPACKE_{_LETTER[d]}potrf", [_INT, _CHAR, _INT, _PTR, _INT]) for d in _SCALAR}
 _TRTRI = {d: _routine(f"LAPACKE_{_LETTER[d]}trtri", [_INT, _CHAR, _CHAR, _INT, _PTR, _INT]) for d in _SCALAR}
+_CORE_NAME = _LIB[f"{_PREFIX}openblas_get_corename"]
+_CORE_NAME.restype = ctypes.c_char_p
 _GESDD = _routine("LAPACKE_dgesdd", [_INT, _CHAR, _INT, _INT, _PTR, _INT, _PTR, _PTR, _INT, _PTR, _INT])
 
 
@@ -76,10 +103,10 @@ def gram_lower(f: Tensor) -> np.ndarray:
     return g
 
 
-def solve_lower_transposed_(f: Tensor, lower: np.ndarray) -> None:
-    """f := f L⁻ᵀ in place, for a lower-triangular k x k L with a nonzero diagonal."""
+def multiply_lower_transposed_(f: Tensor, lower: np.ndarray) -> None:
+    """f := f Lᵀ in place, for a lower-triangular k x k L (the retraction passes L⁻¹: f L⁻ᵀ)."""
     n, k = f.shape
-    _TRSM[f.dtype](
+    _TRMM[f.dtype](
         _ROW_MAJOR, _RIGHT, _LOWER, _TRANS, _NON_UNIT, n, k, 1.0, lower.ctypes.data, k, f.data_ptr(), f.stride(0)
     )
 
@@ -99,6 +126,11 @@ def inverse_lower(lower: np.ndarray) -> np.ndarray:
     if info != 0:
         raise ValueError(f"inverse_lower: the diagonal of L is zero at {info}")
     return inverse
+
+
+def core() -> str:
+    """The kernels OpenBLAS runs (its core name: SkylakeX, Haswell, ...)."""
+    return _CORE_NAME().decode()
 
 
 def singular_values(a: np.ndarray) -> np.ndarray:

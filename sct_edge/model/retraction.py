@@ -26,15 +26,15 @@ The fast path, factor by factor (each factor's data stays in cache from its firs
 1. G = MᵀM (lower triangle only, `syrk`), L = cholesky(G), and L⁻¹ (k x k, cheap). If G is not finite, the
    factorisation fails, or κ(M) = κ(L) exceeds `max_cond` (a norm bound on L and L⁻¹, and the singular values
    of L where that bound is loose), the factor goes to Householder untouched;
-2. otherwise Q = M L⁻ᵀ by a triangular solve in place (`trsm`), and the Gram matrix of Q gives its
+2. otherwise Q = M L⁻ᵀ by a triangular product in place (`trmm`), and the Gram matrix of Q gives its
    orthonormality error, which is both the reported figure and the acceptance test: after an optimizer step
    κ(M) is close to 1 and one pass is already as orthonormal as two (and as Householder);
 3. a factor short of `tol` takes the second CholeskyQR pass on Q, whose Gram matrix is already there.
 
-On the CPU the two n x k products run in OpenBLAS (`sct_edge.model.openblas`, for factors of rank 64 and up
-when torch uses more than one thread, see `THREADED_MIN_RANK`): `syrk` and `trsm` do half the
-arithmetic of the general products torch offers for the same jobs: a factor costs 3nk² flops (Gram, solve,
-Gram) where three general products cost 6nk², and the only n x k memory is the factor itself. The factors
+On the CPU the two n x k products run in OpenBLAS (`sct_edge.model.openblas`, for factors of rank 48 and up
+when torch uses more than one thread, see `THREADED_MIN_RANK`): `syrk` and `trmm` do half the
+arithmetic of the general products torch offers for the same jobs: a factor costs 3nk² flops (Gram,
+product, Gram) where three general products cost 6nk², and the only n x k memory is the factor itself. The factors
 are spread over as many Python threads as torch has compute threads, each running single-threaded OpenBLAS
 (ctypes releases the GIL): one set of threads for the machine's cores, not a second pool beside torch's.
 Other factors (narrower, on other devices, or whose columns are not adjacent in memory) take the same steps
@@ -67,10 +67,10 @@ DEFAULT_TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 DEFAULT_MAX_COND = {torch.float32: 1e2, torch.float64: 1e6}
 
 # Narrowest factor that takes OpenBLAS's products when torch computes on more than one thread. Narrower ones
-# are too small for two threads to share: one sct-70b layer (2 threads, ms) measured 14.7 with OpenBLAS against
-# 10.0 with torch's general products at rank 32, 19.4 / 18.3 at 48, 26.1 / 37.9 at 64, 72 / 125 at 128. On
-# one thread OpenBLAS is the faster at every rank (13.2 / 17.3 at rank 32).
-THREADED_MIN_RANK = 64
+# are too small for two threads to share well: one sct-70b layer (2 threads, AVX-512 kernels, ms) measured
+# 11.2 with OpenBLAS against 10.3 with torch's general products at rank 32, 15.0 / 17.4 at 48, 20.0 / 30.1 at
+# 64, 41.6 / 111.7 at 128. On one thread OpenBLAS is the faster at every rank (9.4 / 15.8 at rank 32).
+THREADED_MIN_RANK = 48
 
 PROFILER_LABEL = "sct::retraction"  # the range `retract_` records in torch.profiler traces
 
@@ -146,8 +146,8 @@ class _Steps(Protocol):
 
 
 class _OpenBlasSteps:
-    """Every step in OpenBLAS, k x k matrices as numpy arrays: no torch op, so it can run in any thread. The
-    triangular solve overwrites M with Q (`out` is M itself or None)."""
+    """Every step in OpenBLAS, k x k matrices as numpy arrays: no torch op, so it can run in any thread. Q = M·L⁻ᵀ
+    is a triangular product that overwrites M (`out` is M itself or None)."""
 
     in_place = True
     gram = staticmethod(openblas.gram_lower)
@@ -158,7 +158,7 @@ class _OpenBlasSteps:
         return lower, info == 0
 
     def solve(self, m: Tensor, lower: np.ndarray, lower_inv: np.ndarray, out: Tensor | None = None) -> Tensor:
-        openblas.solve_lower_transposed_(m, lower)
+        openblas.multiply_lower_transposed_(m, lower_inv)
         return m
 
     def error(self, gram: np.ndarray) -> float:
