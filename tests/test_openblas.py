@@ -84,3 +84,18 @@ def test_cholesky_reports_a_matrix_that_is_not_positive_definite():
 )
 def test_supports_only_row_major_float_cpu_matrices(f, ok):
     assert openblas.supports(f) is ok
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemm_equals_torch_and_goes_back_to_one_thread(dtype, threads):
+    a, b = _matrix(70, 33, dtype, seed=5), _matrix(33, 41, dtype, seed=6)
+    out = torch.empty(70, 41, dtype=dtype)
+    assert openblas.gemm(a, b, out, threads) is out
+    torch.testing.assert_close(out, a @ b, rtol=TOL[dtype], atol=TOL[dtype] * 10)
+    assert openblas.threads() == 1
+
+
+def test_gemm_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="matching shapes"):
+        openblas.gemm(torch.zeros(3, 4), torch.zeros(5, 2), torch.zeros(3, 2))

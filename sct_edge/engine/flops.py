@@ -12,7 +12,9 @@ The hidden-sum workload has no embedding, head or softmax attention, only the se
 
 MFU is model FLOPs per second over the GEMM peak of square products measured on this machine in the step's
 compute dtype (float32, or bfloat16 where a profile computes in it), with the thread count the run uses, in
-the same invocation (`gemm_peak`).
+the same invocation (`gemm_peak`), with torch's GEMM: the speed the step's own products can reach. Where
+torch's MKL leaves part of the CPU unused (it runs AVX2 code on AMD CPUs with AVX-512), `tools/gemm_peaks`
+shows the higher peak OpenBLAS reaches.
 """
 
 from __future__ import annotations
@@ -77,26 +79,36 @@ class GemmPeak:
 
 
 def gemm_peak(threads: int | None = None, sizes: tuple[int, ...] = PEAK_SIZES, repeats: int = 3,
-              dtype: str = "float32") -> GemmPeak:
+              dtype: str = "float32", library: str = "torch") -> GemmPeak:
     """GEMM FLOP/s of square products in `dtype` (float32 or bfloat16): the median of `repeats` timed products
     per size, best size wins.
 
     `threads` sets torch's thread count for the measurement (restored after); it should be the run's.
+    `library` "openblas" times OpenBLAS's GEMM instead (float32, `sct_edge.model.openblas`, on `threads` of its
+    own threads): what the CPU reaches where torch's MKL does not use all of it (AVX-512 on AMD CPUs).
     """
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
+    if library == "openblas":
+        from sct_edge.model import openblas
+
+        def multiply(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+            openblas.gemm(a, b, out, torch.get_num_threads())
+    else:
+        def multiply(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+            torch.mm(a, b, out=out)
     try:
         per_size = {}
         for n in sizes:
             gen = torch.Generator().manual_seed(n)
             a, b = (torch.randn(n, n, generator=gen).to(getattr(torch, dtype)) for _ in range(2))
             out = torch.empty_like(a)
-            torch.mm(a, b, out=out)  # warm-up: first touch of the pages and MKL's setup
+            multiply(a, b, out)  # warm-up: first touch of the pages and the library's setup
             times = []
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                torch.mm(a, b, out=out)
+                multiply(a, b, out)
                 times.append(time.perf_counter() - t0)
             per_size[n] = 2 * n**3 / statistics.median(times)
         best = max(per_size, key=per_size.get)

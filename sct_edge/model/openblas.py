@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-_ROW_MAJOR, _LOWER, _TRANS, _RIGHT, _NON_UNIT = 101, 122, 112, 142, 131  # CBLAS's enum values
+_ROW_MAJOR, _LOWER, _NO_TRANS, _TRANS, _RIGHT, _NON_UNIT = 101, 122, 111, 112, 142, 131  # CBLAS's enums
 # LAPACKE on row-major input transposes it in and out; a row-major lower triangle is the column-major upper one,
 # so the k x k routines are called column-major on the transpose, which is the same memory.
 _COL_MAJOR = 102
@@ -57,7 +57,10 @@ def _load() -> tuple[ctypes.CDLL, str]:
 
 
 _LIB, _PREFIX = _load()
-_LIB[f"{_PREFIX}openblas_set_num_threads"](1)
+_SET_THREADS = _LIB[f"{_PREFIX}openblas_set_num_threads"]
+_GET_THREADS = _LIB[f"{_PREFIX}openblas_get_num_threads"]
+_GET_THREADS.restype = ctypes.c_int
+_SET_THREADS(1)  # see "Threads" above; `gemm` alone asks for more, for the length of a call
 
 _INT, _PTR, _CHAR = ctypes.c_int, ctypes.c_void_p, ctypes.c_char
 _SCALAR = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
@@ -78,6 +81,10 @@ _SYRK = {
 }
 _TRMM = {
     d: _routine(f"cblas_{_LETTER[d]}trmm", [_INT] * 7 + [_SCALAR[d], _PTR, _INT, _PTR, _INT])
+    for d in _SCALAR
+}
+_GEMM = {
+    d: _routine(f"cblas_{_LETTER[d]}gemm", [_INT] * 6 + [_SCALAR[d], _PTR, _INT, _PTR, _INT, _SCALAR[d], _PTR, _INT])
     for d in _SCALAR
 }
 _POTRF = {d: _routine(f"LAPACKE_{_LETTER[d]}potrf", [_INT, _CHAR, _INT, _PTR, _INT]) for d in _SCALAR}
@@ -126,6 +133,30 @@ def inverse_lower(lower: np.ndarray) -> np.ndarray:
     if info != 0:
         raise ValueError(f"inverse_lower: the diagonal of L is zero at {info}")
     return inverse
+
+
+def gemm(a: Tensor, b: Tensor, out: Tensor, threads: int = 1) -> Tensor:
+    """out := a b for contiguous CPU float matrices, on `threads` of OpenBLAS's own threads (one again after).
+
+    For measuring what the machine's GEMM reaches (`tools/gemm_peaks`), not for the step: more than one thread
+    starts OpenBLAS's pool, whose threads spin on the cores after the call.
+    """
+    (m, k), (k2, n) = a.shape, b.shape
+    if not (k == k2 and out.shape == (m, n) and a.dtype == b.dtype == out.dtype and a.dtype in _SCALAR
+            and all(t.is_contiguous() and t.device.type == "cpu" for t in (a, b, out))):
+        raise ValueError(f"gemm: contiguous CPU float matrices of matching shapes, got {a.shape} {b.shape} {out.shape}")
+    _SET_THREADS(threads)
+    try:
+        _GEMM[a.dtype](_ROW_MAJOR, _NO_TRANS, _NO_TRANS, m, n, k, 1.0, a.data_ptr(), k, b.data_ptr(), n, 0.0,
+                       out.data_ptr(), n)
+    finally:
+        _SET_THREADS(1)
+    return out
+
+
+def threads() -> int:
+    """OpenBLAS's own thread count (one, outside `gemm`)."""
+    return _GET_THREADS()
 
 
 def core() -> str:
