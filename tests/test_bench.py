@@ -111,6 +111,9 @@ def test_an_existing_store_is_benchmarked_on_a_copy_and_reports_mfu(tmp_path, ca
     assert line["store"] == str(tmp_path / "store") and line["engine"] == "streamed"
     assert line["model_flops"] == training_step_flops(config, 2, 16)
     assert line["mfu"] == pytest.approx(line["model_flops"] / line["step_s"] / 1e9)
+    # Not given: the CPU's own float32 peak, measured with OpenBLAS, is the second MFU's denominator.
+    assert line["cpu_gemm_peak_flops"] > 0
+    assert line["mfu_cpu_peak"] == pytest.approx(line["model_flops"] / line["step_s"] / line["cpu_gemm_peak_flops"])
     assert line["tokens_per_s"] == pytest.approx(32 / line["step_s"])
     # The steps ran on a copy: the store's files are exactly as they were, and no scratch copy is left.
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "store").iterdir()} == files
@@ -134,7 +137,8 @@ def test_the_streamed_step_runs_under_the_malloc_thresholds_its_plan_chose(tmp_p
 
 def test_all_engines_report_ratios_to_the_plain_loop(tmp_path):
     done = bench("--preset", "tiny", "--workload", "lm", "--batch", "1", "--seq", "8", "--steps", "1", "--profile",
-                 "ci", "--engine", "all", "--json", "--peak-flops", "1e9", "--trace", str(tmp_path / "trace"),
+                 "ci", "--engine", "all", "--json", "--peak-flops", "1e9", "--cpu-peak-flops", "2e9",
+                 "--trace", str(tmp_path / "trace"),
                  "--clip", "0.5", "--plain-dtype", "bfloat16")
     assert done.returncode == 0, done.stderr
     lines = [json.loads(x) for x in done.stdout.strip().splitlines()]
@@ -143,7 +147,8 @@ def test_all_engines_report_ratios_to_the_plain_loop(tmp_path):
     assert lines[0]["holds_gradients"] is True
     assert [x["compute_dtype"] for x in lines[:3]] == ["float32", "float32", "bfloat16"]
     assert [x["of"] for x in lines[3:]] == ["streamed/reference", "streamed/plain", "reference/plain"]
-    assert all(x["mfu"] > 0 and x["gemm_peak_flops"] == 1e9 for x in lines[:3])
+    assert all(x["mfu"] > 0 and x["gemm_peak_flops"] == 1e9 and x["cpu_gemm_peak_flops"] == 2e9 for x in lines[:3])
+    assert all(x["mfu_cpu_peak"] == pytest.approx(x["mfu"] / 2) for x in lines[:3])
     assert lines[2]["model_flops"] == training_step_flops(dense_config(get_preset("tiny")), 1, 8)
     for engine in ("streamed", "reference", "plain"):
         assert "aten::mm" in (tmp_path / "trace" / f"{engine}.top.txt").read_text()

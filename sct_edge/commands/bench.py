@@ -38,6 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--peak-flops", type=float,
                    help="GEMM peak (FLOP/s) to compute MFU against (default: measured at the start of the run, in the "
                         "profile's compute dtype)")
+    p.add_argument("--cpu-peak-flops", type=float,
+                   help="the CPU's own float32 GEMM peak (FLOP/s) for a second MFU, mfu_cpu_peak (default: measured "
+                        "at the start with OpenBLAS, which uses AVX-512 where torch's MKL does not; float32 only)")
     p.add_argument("--trace", help="directory for a torch.profiler trace of each engine's last step "
                                    "(ENGINE.trace.json for chrome://tracing, ENGINE.top.txt: the top ops, "
                                    "ENGINE.kinds.json: seconds by kind of op)")
@@ -76,8 +79,12 @@ def run(args: argparse.Namespace) -> int:
                      args.seq, args.micro_batches, args.store, args.scratch, args.threads, args.peak_flops, args.trace,
                      args.clip, args.plain_dtype)
     spec.config()  # bad presets, ranks and stores fail here, before any child starts
+    threads = args.threads or profile.usable_threads()
     if spec.peak_flops is None:
-        spec.peak_flops = gemm_peak(args.threads or profile.usable_threads(), dtype=profile.compute_dtype).flops_per_s
+        spec.peak_flops = gemm_peak(threads, dtype=profile.compute_dtype).flops_per_s
+    spec.cpu_peak_flops = args.cpu_peak_flops
+    if spec.cpu_peak_flops is None and profile.compute_dtype == "float32":
+        spec.cpu_peak_flops = gemm_peak(threads, library="openblas").flops_per_s
     runners = {"streamed": run_streamed, "reference": run_reference, "plain": run_plain}
     if args.cap and args.engine in ("reference", "plain"):
         raise SctError("--cap applies to the streamed engine: use --engine streamed, both or all")
@@ -112,6 +119,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.json:
         how = "given" if args.peak_flops else f"{profile.compute_dtype} square products, measured at the start"
         print(f"GEMM peak   {spec.peak_flops / 1e9:.1f} GFLOP/s ({how})")
+        if spec.cpu_peak_flops is not None:
+            how = "given" if args.cpu_peak_flops else "float32 square products with OpenBLAS, measured at the start"
+            print(f"CPU's peak  {spec.cpu_peak_flops / 1e9:.1f} GFLOP/s ({how})")
         print("command:", shlex.join(["sct-edge", "bench", "step", *_argv(args)]))
     return 0 if all("error" not in line for line in lines) else 1
 
@@ -124,6 +134,8 @@ def _human(line: dict) -> str:
         return f"{line['engine']:<11} failed: {line['error']}"
     phases = " ".join(f"{k} {v:.3f}" for k, v in line["phase_s"].items())
     mfu = "" if line.get("mfu") is None else f"  MFU {line['mfu']:.1%}"
+    if line.get("mfu_cpu_peak") is not None:
+        mfu += f" ({line['mfu_cpu_peak']:.1%} of the CPU's)"
     return (f"{line['engine']:<11} step {line['step_s']:.3f} s (first {line['first_step_s']:.3f} s)  "
             f"{line['tokens_per_s']:,.1f} tok/s  {line['flops_per_s'] / 1e9:.1f} GFLOP/s{mfu}  "
             f"peak RSS {line['peak_rss_bytes'] / 2**20:,.0f} MiB  read {line['bytes_read'] / 1e9:.2f} GB  "

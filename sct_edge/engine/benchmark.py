@@ -54,6 +54,8 @@ class BenchSpec:
     trace: str | None = None  # directory for a torch.profiler trace of the last step
     clip: float | None = None  # global gradient-norm clip, as `sct-edge run` applies by default (1.0)
     plain_dtype: str | None = None  # compute dtype of the plain loop (None: the profile's)
+    # The CPU's own float32 GEMM peak (OpenBLAS), where torch's leaves part of the CPU unused; by the parent too
+    cpu_peak_flops: float | None = None
 
     def config(self) -> ModelConfig:
         if self.store is not None:
@@ -101,6 +103,8 @@ def summarise(spec: BenchSpec, config: ModelConfig, step_times: list[float], pha
         "flops_per_s": flops / step_s,
         "gemm_peak_flops": spec.peak_flops,
         "mfu": None if spec.peak_flops is None else mfu(flops, step_s, spec.peak_flops),
+        "cpu_gemm_peak_flops": spec.cpu_peak_flops,
+        "mfu_cpu_peak": None if spec.cpu_peak_flops is None else mfu(flops, step_s, spec.cpu_peak_flops),
         "threads": torch.get_num_threads(),
         **extra,
     }
@@ -236,7 +240,8 @@ def child_command(spec: BenchSpec, engine: str) -> list[str]:
            "--micro-batches", str(spec.micro_batches)]
     for flag, value in (("--rank", spec.rank), ("--budget", spec.budget), ("--store", spec.store),
                         ("--scratch", spec.scratch), ("--threads", spec.threads), ("--peak-flops", spec.peak_flops),
-                        ("--trace", spec.trace), ("--clip", spec.clip), ("--plain-dtype", spec.plain_dtype)):
+                        ("--cpu-peak-flops", spec.cpu_peak_flops), ("--trace", spec.trace), ("--clip", spec.clip),
+                        ("--plain-dtype", spec.plain_dtype)):
         if value is not None:
             cmd += [flag, str(value)]
     return cmd
