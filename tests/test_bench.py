@@ -92,6 +92,8 @@ def test_a_missing_store_is_a_one_line_error(tmp_path, capsys):
     (["--scratch", "/nonexistent-dir"], "not an existing directory"),
     (["--workload", "lm", "--engine", "reference", "--cap", "1GiB"], "--cap applies to the streamed engine"),
     (["--clip", "0"], "--clip must be more than 0"),
+    (["--peak-flops", "0"], "--peak-flops must be more than 0"),
+    (["--cpu-peak-flops", "-1"], "--cpu-peak-flops must be more than 0"),
 ])
 def test_bad_arguments_are_one_line_errors(args, message, capsys):
     rc, _, err = bench_here(capsys, "--preset", "tiny", "--peak-flops", "1e9", *args)

@@ -66,8 +66,10 @@ def run(args: argparse.Namespace) -> int:
                         ("--micro-batches", args.micro_batches), ("--threads", args.threads or 1)):
         if value < 1:
             raise SctError(f"{flag} must be at least 1, not {value}")
-    if args.clip is not None and not args.clip > 0:
-        raise SctError(f"--clip must be more than 0, not {args.clip}")
+    for flag, value in (("--clip", args.clip), ("--peak-flops", args.peak_flops),
+                        ("--cpu-peak-flops", args.cpu_peak_flops)):
+        if value is not None and not value > 0:
+            raise SctError(f"{flag} must be more than 0, not {value}")
     if args.engine in ("all", "plain") and args.workload != "lm":
         raise SctError("the plain loop runs the real model: --engine all/plain needs --workload lm")
     if args.store is not None and args.rank is not None:

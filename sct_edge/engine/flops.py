@@ -87,6 +87,8 @@ def gemm_peak(threads: int | None = None, sizes: tuple[int, ...] = PEAK_SIZES, r
     `library` "openblas" times OpenBLAS's GEMM instead (float32, `sct_edge.model.openblas`, on `threads` of its
     own threads): what the CPU reaches where torch's MKL does not use all of it (AVX-512 on AMD CPUs).
     """
+    if library not in ("torch", "openblas"):
+        raise ValueError(f"gemm_peak: library is torch or openblas, not {library!r}")
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)

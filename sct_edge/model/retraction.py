@@ -317,8 +317,8 @@ def _retract_all(factors: list[Tensor], tol: float | None, max_cond: float | Non
         for i in indices:
             outcomes[i] = _retract_one(factors[i], steps, *limits[i])
 
-    on_blas = [i for i, f in enumerate(factors) if uses_openblas(f)]
-    lists = _spread(on_blas, factors, min(torch.get_num_threads(), len(on_blas)))
+    on_blas = {i for i, f in enumerate(factors) if uses_openblas(f)}
+    lists = _spread(sorted(on_blas), factors, min(torch.get_num_threads(), len(on_blas)))
     if len(lists) > 1:
         with ThreadPoolExecutor(max_workers=len(lists) - 1) as pool:
             running = [pool.submit(run, indices, _OpenBlasSteps()) for indices in lists[1:]]
@@ -327,7 +327,7 @@ def _retract_all(factors: list[Tensor], tol: float | None, max_cond: float | Non
                 future.result()
     elif lists:
         run(lists[0], _OpenBlasSteps())
-    on_torch = sorted(set(range(len(factors))) - set(on_blas))
+    on_torch = [i for i in range(len(factors)) if i not in on_blas]
     if on_torch:
         # One scratch buffer per dtype and device, as large as the largest of those factors.
         sizes: dict[tuple[torch.dtype, torch.device], int] = {}
