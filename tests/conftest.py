@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from sct_edge.engine.process import current_process_settings, restore_process
+from sct_edge.model import products
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -23,11 +24,23 @@ TOY_CORPUS = [
 
 @pytest.fixture(autouse=True)
 def _restore_process_settings():
-    """Put torch's compute threads and the malloc thresholds back after each test: commands run in-process
-    set them (`configure_process`), and a later test must not run under an earlier one's settings."""
+    """Put torch's compute threads, the malloc thresholds and the products' route back after each test: commands
+    run in-process set them (`configure_process`), and a later test must not run under an earlier one's settings."""
     before = current_process_settings()
     yield
     restore_process(before)
+
+
+@pytest.fixture(params=["onednn", "torch"])
+def products_route(request, monkeypatch) -> str:
+    """Every float32 product of a test on oneDNN (however small: tiny shapes would stay on torch's) or on torch's
+    own BLAS (`sct_edge/model/products.py`); the oneDNN case is skipped where torch's oneDNN lacks AVX-512."""
+    if request.param == "onednn":
+        if not products.onednn_available():
+            pytest.skip("torch's oneDNN has no AVX-512 kernels here")
+        monkeypatch.setattr(products, "MIN_MACS", 0)
+    products.use_onednn(request.param == "onednn")
+    return request.param
 
 
 @pytest.fixture(scope="session")

@@ -122,9 +122,10 @@ def test_spectral_init_matches_dense_output_scale():
 
 
 @pytest.mark.parametrize("autocast", [False, True])
-def test_the_fused_attention_path_equals_calling_its_modules(autocast):
+def test_the_fused_attention_path_equals_calling_its_modules(autocast, products_route):
     """q, k, v through `SharedInputProjections` and o with the residual folded in give what calling the four
-    modules and adding gives (a forward hook on q makes the block call them, as calibration's hooks do)."""
+    modules and adding gives (a forward hook on q makes the block call them, as calibration's hooks do), on
+    either route of the products."""
     config = small_config()
     block = Block(config, layer=0, seed=1)
     x = torch.randn(2, 7, config.dim, generator=torch.Generator().manual_seed(2))

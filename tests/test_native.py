@@ -5,6 +5,7 @@ import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from sct_edge.engine.process import (
 )
 from sct_edge.engine.profile import load_profile
 from sct_edge.engine.step import Engine
+from sct_edge.model import products
 from sct_edge.model.config import get_preset
 from sct_edge.store.store import Store
 from sct_edge.train.trainer import inference_engine
@@ -53,15 +55,19 @@ def test_an_engine_and_an_inference_engine_leave_the_process_settings_alone(tmp_
     assert current_process_settings() == before
 
 
-def test_configure_process_sets_threads_and_malloc_and_the_fixture_can_put_them_back():
+def test_configure_process_sets_threads_malloc_and_products_and_the_fixture_can_put_them_back():
     before = current_process_settings()
+    assert before.onednn == products.onednn_available()  # oneDNN's products wherever it has AVX-512
     settings = ProcessSettings.for_profile(load_profile("ci"), threads=1)
-    assert settings == ProcessSettings(threads=1, malloc=STEP_MALLOC)
+    assert settings == ProcessSettings(threads=1, malloc=STEP_MALLOC)  # the route stays the process's
+    settings = replace(settings, onednn=False)
     configure_process(settings)
     assert current_process_settings() == settings and torch.get_num_threads() == 1
+    assert not products.uses_onednn()
     restore_process(before)
     assert torch.get_num_threads() == before.threads
     assert current_process_settings().malloc in (before.malloc, GLIBC_MALLOC)
+    assert products.uses_onednn() == before.onednn
 
 
 def test_the_profile_decides_the_threads_capped_at_the_usable_cores():

@@ -46,7 +46,7 @@ def test_a_residual_is_added_to_the_output_and_gets_the_output_gradient():
 
 
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-def test_forward_and_every_gradient_equal_autograd_through_the_plain_composition(dtype, tolerance):
+def test_forward_and_every_gradient_equal_autograd_through_the_plain_composition(dtype, tolerance, products_route):
     args = factors(tokens=33, dim=16, ffn=40, rank=6, dtype=dtype)
     grad_y = torch.randn(33, 16, generator=torch.Generator().manual_seed(3), dtype=dtype)
     expected = plain(*args)

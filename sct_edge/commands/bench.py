@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+from dataclasses import replace
 from pathlib import Path
 
 from sct_edge.commands.former_names import workload_argument
@@ -51,6 +52,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--plain-dtype", choices=("float32", "bfloat16"),
                    help="compute dtype of the plain loop (default: the profile's compute_dtype); float32 is the loop "
                         "as one writes it first")
+    p.add_argument("--gemm", choices=("auto", "torch"), default="auto",
+                   help="the streamed and reference steps' float32 products: auto (oneDNN on CPUs with AVX-512, where "
+                        "it beats torch's BLAS) or torch (torch's own BLAS, for comparison); the plain loop always "
+                        "uses torch's")
     p.add_argument("--json", action="store_true", help="print JSON lines only")
     p.set_defaults(func=run)
 
@@ -79,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile, args.budget)  # a bad profile or budget fails here, before any child
     spec = BenchSpec(args.preset, args.rank, args.profile, args.budget, args.steps, args.workload, args.batch,
                      args.seq, args.micro_batches, args.store, args.scratch, args.threads, args.peak_flops, args.trace,
-                     args.clip, args.plain_dtype)
+                     args.clip, args.plain_dtype, gemm=args.gemm)
     spec.config()  # bad presets, ranks and stores fail here, before any child starts
     threads = args.threads or profile.usable_threads()
     if spec.peak_flops is None:
@@ -92,8 +97,9 @@ def run(args: argparse.Namespace) -> int:
         raise SctError("--cap applies to the streamed engine: use --engine streamed, both or all")
     if args.engine in runners and not args.cap:
         # The in-memory baselines run as a plain PyTorch program would: torch's and glibc's own settings.
-        configure_process(ProcessSettings.for_profile(profile, args.threads) if args.engine == "streamed"
-                          else ProcessSettings(threads=args.threads))
+        settings = (ProcessSettings.for_profile(profile, args.threads) if args.engine == "streamed"
+                    else ProcessSettings(threads=args.threads))
+        configure_process(replace(settings, onednn=args.gemm == "auto"))
         result = runners[args.engine](spec)
         print(json.dumps({"preset": None if spec.store else spec.preset, "store": spec.store, "rank": spec.rank,
                           "workload": spec.workload, "batch": spec.batch, "seq": spec.seq, **result}))
@@ -141,13 +147,14 @@ def _human(line: dict) -> str:
     return (f"{line['engine']:<11} step {line['step_s']:.3f} s (first {line['first_step_s']:.3f} s)  "
             f"{line['tokens_per_s']:,.1f} tok/s  {line['flops_per_s'] / 1e9:.1f} GFLOP/s{mfu}  "
             f"peak RSS {line['peak_rss_bytes'] / 2**20:,.0f} MiB  read {line['bytes_read'] / 1e9:.2f} GB  "
-            f"written {line['bytes_written'] / 1e9:.2f} GB  ortho {line['ortho_err']:.2e}  {phases}")
+            f"written {line['bytes_written'] / 1e9:.2f} GB  ortho {line['ortho_err']:.2e}  products {line['gemm']}  "
+            f"{phases}")
 
 
 def _argv(args: argparse.Namespace) -> list[str]:
     out = []
     for key in ("preset", "store", "rank", "profile", "budget", "steps", "workload", "batch", "seq", "micro_batches",
-                "threads", "engine", "cap", "clip", "plain_dtype"):
+                "threads", "engine", "cap", "clip", "plain_dtype", "gemm"):
         value = getattr(args, key)
         if value is not None:
             out += [f"--{key.replace('_', '-')}", str(value)]

@@ -33,6 +33,7 @@ from sct_edge.engine.flops import mfu, training_step_flops
 from sct_edge.errors import SctError
 from sct_edge.events import memory_snapshot
 from sct_edge.model.config import ModelConfig, RankPolicy, get_preset
+from sct_edge.model.products import uses_onednn
 from sct_edge.model.retraction import PROFILER_LABEL
 
 
@@ -56,6 +57,7 @@ class BenchSpec:
     plain_dtype: str | None = None  # compute dtype of the plain loop (None: the profile's)
     # The CPU's own float32 GEMM peak (OpenBLAS), where torch's leaves part of the CPU unused; by the parent too
     cpu_peak_flops: float | None = None
+    gemm: str = "auto"  # "torch": every product on torch's own BLAS, not oneDNN (`sct_edge/model/products.py`)
 
     def config(self) -> ModelConfig:
         if self.store is not None:
@@ -106,6 +108,7 @@ def summarise(spec: BenchSpec, config: ModelConfig, step_times: list[float], pha
         "cpu_gemm_peak_flops": spec.cpu_peak_flops,
         "mfu_cpu_peak": None if spec.cpu_peak_flops is None else mfu(flops, step_s, spec.cpu_peak_flops),
         "threads": torch.get_num_threads(),
+        "gemm": "onednn" if uses_onednn() else "torch",
         **extra,
     }
 
@@ -132,7 +135,8 @@ def timed_steps(spec: BenchSpec, config: ModelConfig, engine: str, step_fn) -> t
 # What a step's time goes to, by the op names torch.profiler reports (self CPU time); first match wins.
 OP_KINDS = (
     ("attention", ("scaled_dot_product", "_efficient_attention", "_flash_attention")),
-    ("GEMM", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear")),
+    ("GEMM", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
+              "mkldnn::_linear_pointwise")),
     ("loss", ("log_softmax", "nll_loss", "cross_entropy")),
     ("retraction", (PROFILER_LABEL, "linalg_", "cholesky", "triangular")),
     ("optimizer", ("adamw", "_foreach_", "lerp", "addcdiv", "addcmul")),
@@ -230,7 +234,7 @@ def run_plain(spec: BenchSpec) -> dict:
     loop = PlainLoop(config, clip=spec.clip, compute_dtype=compute_dtype)
     times, _ = timed_steps(spec, config, "plain", lambda batches, step: loop.step(batches))
     return summarise(spec, config, times, [{}] * len(times), {"engine": "plain", "bytes_read": 0, "bytes_written": 0,
-                     "ortho_err": 0.0, "compute_dtype": compute_dtype})
+                     "ortho_err": 0.0, "compute_dtype": compute_dtype, "gemm": "torch"})
 
 
 def child_command(spec: BenchSpec, engine: str) -> list[str]:
@@ -241,7 +245,7 @@ def child_command(spec: BenchSpec, engine: str) -> list[str]:
     for flag, value in (("--rank", spec.rank), ("--budget", spec.budget), ("--store", spec.store),
                         ("--scratch", spec.scratch), ("--threads", spec.threads), ("--peak-flops", spec.peak_flops),
                         ("--cpu-peak-flops", spec.cpu_peak_flops), ("--trace", spec.trace), ("--clip", spec.clip),
-                        ("--plain-dtype", spec.plain_dtype)):
+                        ("--plain-dtype", spec.plain_dtype), ("--gemm", spec.gemm)):
         if value is not None:
             cmd += [flag, str(value)]
     return cmd

@@ -3,9 +3,9 @@
 What anyone would write first: the whole dense model in RAM (every matrix an `nn.Linear`, SDPA attention),
 autograd over the whole graph, cross-entropy over the full logits, `torch.optim.AdamW` with foreach (after
 `clip_grad_norm_` when the benchmark clips, as `sct-edge run` does by default), in float32 or under bfloat16
-autocast. No factors, no retraction, no paging. `sct-edge bench step --engine all` times it in the same
-invocation as the streamed and in-memory spectral steps, so their ratios to it are free of the machine's
-load drift.
+autocast, every product on torch's own BLAS (`torch_products`). No factors, no retraction, no paging.
+`sct-edge bench step --engine all` times it in the same invocation as the streamed and in-memory spectral
+steps, so their ratios to it are free of the machine's load drift.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from torch import Tensor
 
 from sct_edge.engine.profile import compute_autocast
 from sct_edge.model.config import ModelConfig
+from sct_edge.model.products import torch_products
 from sct_edge.model.transformer import Transformer
 
 
@@ -34,10 +35,10 @@ class PlainLoop:
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for tokens, targets in micro_batches:
-            with self.autocast():
+            with self.autocast(), torch_products():
                 logits = self.model(tokens)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()) / len(micro_batches)
-            loss.backward()
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()) / len(micro_batches)
+                loss.backward()
             total += loss.item()
         if self.clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)

@@ -26,6 +26,7 @@ import torch
 
 from sct_edge.engine.malloc import GLIBC_MALLOC, STEP_MALLOC, MallocThresholds
 from sct_edge.engine.profile import Profile
+from sct_edge.model.products import onednn_available, use_onednn, uses_onednn
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class ProcessSettings:
 
     threads: int | None = None  # torch's intra-op (compute) threads
     malloc: MallocThresholds | None = None
+    onednn: bool | None = None  # the step's float32 products on oneDNN where it has AVX-512 (`model/products.py`)
 
     @classmethod
     def for_profile(cls, profile: Profile, threads: int | None = None) -> ProcessSettings:
@@ -50,11 +52,14 @@ def configure_process(settings: ProcessSettings) -> None:
         set_compute_threads(settings.threads)
     if settings.malloc is not None:
         _set_malloc(settings.malloc)
+    if settings.onednn is not None:
+        use_onednn(settings.onednn)
 
 
 def current_process_settings() -> ProcessSettings:
-    """The compute threads now, and the malloc thresholds `configure_process` set (None: glibc's own)."""
-    return ProcessSettings(threads=torch.get_num_threads(), malloc=_applied_malloc)
+    """The compute threads now, the malloc thresholds `configure_process` set (None: glibc's own) and the products'
+    route."""
+    return ProcessSettings(threads=torch.get_num_threads(), malloc=_applied_malloc, onednn=uses_onednn())
 
 
 def restore_process(settings: ProcessSettings) -> None:
@@ -62,6 +67,7 @@ def restore_process(settings: ProcessSettings) -> None:
     set_compute_threads(settings.threads or torch.get_num_threads())
     if settings.malloc != _applied_malloc:
         _set_malloc(settings.malloc or GLIBC_MALLOC)
+    use_onednn(onednn_available() if settings.onednn is None else settings.onednn)
 
 
 def set_compute_threads(threads: int) -> None:

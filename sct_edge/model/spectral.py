@@ -14,11 +14,12 @@ import torch
 from torch import Tensor, nn
 
 from sct_edge.errors import SctError
+from sct_edge.model.products import linear, product, transposed_product
 
 
 def spectral_apply(x: Tensor, U: Tensor, s: Tensor, V: Tensor) -> Tensor:
     """y = x W with W = U diag(s) Vᵀ, evaluated right to left so only (…, k) intermediates exist."""
-    return ((x @ U) * s) @ V.T
+    return product(product(x, U.T) * s, V)
 
 
 class SharedInputProjections(torch.autograd.Function):
@@ -36,7 +37,8 @@ class SharedInputProjections(torch.autograd.Function):
         ctx.save_for_backward(x, *factors)
         if recorded is not None:
             return tuple(t.view_as(t) for t in recorded)  # fresh aliases: the graph attaches to them
-        return tuple(x @ U for U in factors)
+        flat = x.reshape(-1, x.shape[-1])
+        return tuple(linear(flat, U.T).view(*x.shape[:-1], U.shape[1]) for U in factors)
 
     @staticmethod
     def backward(ctx, *grads: Tensor):
@@ -46,14 +48,14 @@ class SharedInputProjections(torch.autograd.Function):
         grad_x, grad_factors = None, []
         for grad, U in zip(grads, factors, strict=True):
             grad = grad.reshape(-1, grad.shape[-1])
-            grad_factors.append((flat.T @ grad).to(U.dtype))
-            Ut = U.to(dtype).T
+            grad_factors.append(transposed_product(flat, grad).contiguous().to(U.dtype))
+            U = U.to(dtype)  # noqa: N806
             if grad_x is None:
-                grad_x = (grad @ Ut).to(x.dtype)
+                grad_x = linear(grad, U).to(x.dtype)
             elif dtype == x.dtype:
-                grad_x.addmm_(grad, Ut)
+                grad_x = linear(grad, U, add=grad_x)
             else:  # half-precision products: summed in x's dtype, as autograd sums the casts' gradients
-                grad_x += grad @ Ut
+                grad_x += linear(grad, U)
         return grad_x.view(x.shape), None, *grad_factors
 
 
@@ -61,11 +63,7 @@ def rank_out(a: Tensor, V: Tensor, residual: Tensor | None = None) -> Tensor:
     """a Vᵀ (… × k to … × n_out), plus `residual` when given: folded into the product (`addmm`, one pass less over
     the output) when all three share a dtype outside autocast, else added after it in the promoted dtype (the
     float32 residual stream stays float32 under bfloat16 autocast)."""
-    if residual is None:
-        return a @ V.T
-    if torch.is_autocast_enabled(a.device.type) or not a.dtype == V.dtype == residual.dtype:
-        return residual + a @ V.T
-    return torch.addmm(residual.reshape(-1, V.shape[0]), a.reshape(-1, a.shape[-1]), V.T).view(residual.shape)
+    return product(a, V, residual)
 
 
 def random_orthonormal(n: int, k: int, generator: torch.Generator | None = None) -> Tensor:

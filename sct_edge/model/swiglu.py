@@ -25,6 +25,7 @@ from torch import Tensor
 
 from sct_edge.model import accounting
 from sct_edge.model.memo import BlockMemo
+from sct_edge.model.products import linear, transposed_product, uses_onednn
 from sct_edge.model.spectral import rank_out
 
 
@@ -44,12 +45,12 @@ class SpectralSwiGLU(torch.autograd.Function):
         if memo is not None and memo.mlp is not None:
             x_g, x_u, acc = memo.mlp  # a recompute: the first forward's slices gave these (model/memo.py)
         else:
-            x_g, x_u = x @ U_g, x @ U_u  # tokens × k: what backward recomputes the slices from
+            x_g, x_u = linear(x, U_g.T), linear(x, U_u.T)  # tokens × k: what backward recomputes the slices from
             a_g, a_u = x_g * s_g, x_u * s_u
             acc = x.new_zeros(x.shape[0], U_d.shape[1], dtype=_accumulator(dtype))
             for c in range(0, V_g.shape[0], chunk):
-                p = F.silu(a_g @ V_g[c : c + chunk].T).mul_(a_u @ V_u[c : c + chunk].T)
-                acc.add_(p @ U_d[c : c + chunk])
+                p = F.silu(linear(a_g, V_g[c : c + chunk])).mul_(linear(a_u, V_u[c : c + chunk]))
+                acc.add_(linear(p, U_d[c : c + chunk].T))
             if memo is not None:
                 memo.mlp = memo.keep(x_g, x_u, acc)
         ctx.save_for_backward(x, x_g, x_u, acc, U_g, s_g, V_g, U_u, s_u, V_u, U_d, s_d, V_d)
@@ -65,30 +66,34 @@ class SpectralSwiGLU(torch.autograd.Function):
         grad_y = grad_y.to(dtype)
         a_g, a_u = x_g * s_g, x_u * s_u
         acc_c = acc.to(dtype)
-        grad_V_d = grad_y.T @ (acc_c * s_d)
-        b = grad_y @ V_d
+        grad_V_d = transposed_product(grad_y, acc_c * s_d).contiguous()
+        b = linear(grad_y, V_d.T)
         grad_s_d = (b * acc_c).sum(0)
         grad_acc = b * s_d
         grad_U_d, grad_V_g, grad_V_u = torch.empty_like(U_d), torch.empty_like(V_g), torch.empty_like(V_u)
         grad_a_g, grad_a_u = torch.zeros_like(acc), torch.zeros_like(acc)  # rank-wide, like acc
+        routed = uses_onednn() and dtype == torch.float32
+        # The slices' weight gradients are (slice-wide)ᵀ × (rank-wide): on oneDNN the rank-wide operand goes
+        # transposed to rows once here rather than in every slice (`transposed_product`).
+        grad_acc_t, a_u_t, a_g_t = (t.T.contiguous() if routed else None for t in (grad_acc, a_u, a_g))
         for c in range(0, V_g.shape[0], ctx.chunk):
             cols = slice(c, c + ctx.chunk)
-            g = a_g @ V_g[cols].T
-            u = a_u @ V_u[cols].T
+            g = linear(a_g, V_g[cols])
+            u = linear(a_u, V_u[cols])
             silu = F.silu(g)
-            grad_p = grad_acc @ U_d[cols].T
-            torch.mm((silu * u).T, grad_acc, out=grad_U_d[cols])
+            grad_p = linear(grad_acc, U_d[cols])
+            grad_U_d[cols] = transposed_product(silu * u, grad_acc, grad_acc_t)
             grad_u = grad_p * silu
             grad_g = torch.ops.aten.silu_backward(grad_p.mul_(u), g)  # the kernel F.silu's autograd uses
-            torch.mm(grad_u.T, a_u, out=grad_V_u[cols])
-            torch.mm(grad_g.T, a_g, out=grad_V_g[cols])
-            grad_a_u.add_(grad_u @ V_u[cols])
-            grad_a_g.add_(grad_g @ V_g[cols])
+            grad_V_u[cols] = transposed_product(grad_u, a_u, a_u_t)
+            grad_V_g[cols] = transposed_product(grad_g, a_g, a_g_t)
+            grad_a_u.add_(linear(grad_u, V_u[cols].T))
+            grad_a_g.add_(linear(grad_g, V_g[cols].T))
         grad_a_g, grad_a_u = grad_a_g.to(dtype), grad_a_u.to(dtype)
         grad_s_g, grad_s_u = (grad_a_g * x_g).sum(0), (grad_a_u * x_u).sum(0)
         grad_x_g, grad_x_u = grad_a_g * s_g, grad_a_u * s_u
-        grad_x = (grad_x_g @ U_g.T).addmm_(grad_x_u, U_u.T)  # one x-sized gradient (see SharedInputProjections)
-        grad_U_g, grad_U_u = x.T @ grad_x_g, x.T @ grad_x_u
+        grad_x = linear(grad_x_u, U_u, add=linear(grad_x_g, U_g))  # one x-sized gradient (SharedInputProjections)
+        grad_U_g, grad_U_u = (transposed_product(x, grad).contiguous() for grad in (grad_x_g, grad_x_u))
         grads = (grad_x, grad_U_g, grad_s_g, grad_V_g, grad_U_u, grad_s_u, grad_V_u, grad_U_d, grad_s_d, grad_V_d)
         grads = tuple(g.to(d) for g, d in zip(grads, ctx.input_dtypes, strict=True))
         return grads[0], grad_residual, *grads[1:], None, None, None

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from sct_edge.model.config import ModelConfig
 from sct_edge.model.memo import BlockMemo, causal_attention, replays_attention
+from sct_edge.model.products import product
 from sct_edge.model.rmsnorm import rms_norm
 from sct_edge.model.rope import apply_rope, rope_tables
 from sct_edge.model.spectral import (
@@ -47,14 +48,21 @@ def make_generator(seed: int, name: str) -> torch.Generator:
 def make_linear(
     n_in: int, n_out: int, rank: int | None, std: float, generator: torch.Generator | None, device=None
 ) -> nn.Module:
-    """A bias-free linear map: spectral at `rank`, or dense `nn.Linear` when rank is None."""
+    """A bias-free linear map: spectral at `rank`, or dense (`DenseLinear`, an `nn.Linear`) when rank is None."""
     if rank is not None:
         return SpectralLinear(n_in, n_out, rank, std=std, generator=generator, device=device)
-    layer = nn.Linear(n_in, n_out, bias=False, device="meta" if _is_meta(device) else None)
+    layer = DenseLinear(n_in, n_out, bias=False, device="meta" if _is_meta(device) else None)
     if not _is_meta(device):
         with torch.no_grad():
             layer.weight.copy_(torch.randn(n_out, n_in, generator=generator) * std)
     return layer
+
+
+class DenseLinear(nn.Linear):
+    """`nn.Linear` without bias whose float32 products take the CPU's own GEMM (`sct_edge/model/products.py`)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return product(x, self.weight)
 
 
 def _is_meta(device) -> bool:
@@ -229,7 +237,7 @@ class Embedding(nn.Module):
 def tied_head_logits(embedding: dict[str, Tensor], h: Tensor) -> Tensor:
     """Tied LM head from the embedding's tensors ("weight", or "U", "s", "V"): logits = h Eᵀ = ((h V) * s) Uᵀ."""
     if "weight" in embedding:
-        return h @ embedding["weight"].T
+        return product(h, embedding["weight"])
     return spectral_apply(h, embedding["V"], embedding["s"], embedding["U"])
 
 
