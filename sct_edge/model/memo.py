@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from sct_edge.model import attention
 from sct_edge.model.accounting import MEMO_ALIGN_BYTES
 
 
@@ -84,7 +85,7 @@ class BlockMemo:
 
 
 class ReplayedAttention(torch.autograd.Function):
-    """Causal attention whose forward returns a recorded output and whose backward is the flash kernel's own."""
+    """Causal attention whose forward returns a recorded output and whose backward is the recording kernel's own."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor) -> Tensor:
@@ -94,8 +95,11 @@ class ReplayedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         q, k, v, out, lse = ctx.saved_tensors
-        grad_q, grad_k, grad_v = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out, q, k, v, out, lse, 0.0, True)
+        if attention.routed(q, k.shape[1]):
+            grad_q, grad_k, grad_v = attention.backward(grad_out, q, k, v, out, lse)
+        else:
+            grad_q, grad_k, grad_v = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad_out, q, k, v, out, lse, 0.0, True)
         return grad_q, grad_k, grad_v, None, None
 
 
@@ -106,10 +110,13 @@ def replays_attention(q: Tensor) -> bool:
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, memo: BlockMemo) -> Tensor:
     """Causal attention (batch × heads × seq × head_dim; k and v may have fewer heads) that the first forward
-    records into `memo` and the recompute replays from it; the same kernel `F.scaled_dot_product_attention`
-    runs on the CPU for these inputs, so the values are the same."""
+    records into `memo` and the recompute replays from it; the same kernel the block runs without a memo
+    (torch's flash kernel, or `sct_edge/model/attention.py` where it is routed), so the values are the same."""
     if memo.attention is None:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
+        if attention.routed(q, k.shape[1]):
+            out, lse = attention.forward(q, k, v)
+        else:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
         memo.attention = memo.keep(out, lse)
         return out
     return ReplayedAttention.apply(q, k, v, *memo.attention)

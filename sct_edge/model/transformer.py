@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sct_edge.model import attention
 from sct_edge.model.config import ModelConfig
 from sct_edge.model.memo import BlockMemo, causal_attention, replays_attention
 from sct_edge.model.products import product
@@ -126,6 +127,8 @@ class Attention(nn.Module):
             mask = torch.ones(t, k.shape[2], dtype=torch.bool).tril(past)
         if memo is not None and causal and t > 1 and replays_attention(q):
             y = causal_attention(q, k, v, memo)  # recorded in forward, replayed in the recompute (model/memo.py)
+        elif causal and attention.routed(q, c.n_kv_heads):
+            y = attention.CausalAttention.apply(q, k, v)  # the products on the CPU's own GEMM (model/attention.py)
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=causal and t > 1, enable_gqa=c.n_kv_heads != c.n_heads

@@ -1,0 +1,123 @@
+"""Causal self-attention whose products take the CPU's own GEMM, for the float32 steps that route to oneDNN.
+
+torch's CPU flash-attention kernel (`F.scaled_dot_product_attention`) does its products with torch's BLAS,
+MKL, which runs AVX2 code on AMD CPUs: on llama3-8b r128 at 4 × 512, once the step's other products ran on
+oneDNN, the kernel and its backward took 12.1 of 39.8 s of a step's CPU time, at 70–85 GFLOP/s counting the
+causal half only. Here each group of query heads that share a key/value head is one tall matrix (positions ×
+heads in its rows), taken a block of `BLOCK_POSITIONS` positions at a time against the keys up to the block's
+end, so the products skip most of the masked half and run on `sct_edge/model/products.py`'s `linear`; the
+softmax of a block is a few passes over a cache-sized tile.
+
+The pair `forward` / `backward` has the flash kernel's interface: the output (batch × heads × seq × head_dim,
+laid out as batch × seq × heads × head_dim like the kernel's) and the log-sum-exp of each query's scaled scores
+(batch × heads × seq, float32), and backward takes them back. `CausalAttention` wraps them for autograd;
+`sct_edge/model/memo.py` records and replays them. Backward recomputes each block's probabilities from the
+log-sum-exp (one product and one exp) rather than keeping them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from sct_edge.model.products import linear, transposed_product, uses_onednn
+
+# Query positions per block: with 4 query heads per key/value head, 512 rows a product; the masked half of
+# the scores is skipped to within half a block. 64 and 256 were slower at llama3-8b's heads and 512 positions
+# (forward + backward 1.4x and 1.5x the flash kernel's speed, against 1.7x at 128).
+BLOCK_POSITIONS = 128
+# Where it pays, measured forward + backward against the flash kernel (2 threads): llama3-8b's heads (4 query
+# heads of 128 per key/value head) 0.90x at 128 positions, 1.13-1.24x at 256, 1.9x at 512; SmolLM2's (3 of 64)
+# 0.69x at 256, 1.12x at 512; 16 heads of 64 without grouping 0.39-0.78x up to 1,024. Narrower groups' products
+# are too thin for the Python loop over blocks and the extra passes over the scores to pay.
+MIN_POSITIONS = 256
+MIN_GROUP_WIDTH = 256  # query heads per key/value head × head_dim
+
+
+def routed(q: Tensor, kv_heads: int) -> bool:
+    """Whether causal attention of q (batch × heads × seq × head_dim) runs here rather than in torch's flash
+    kernel: float32 on the CPU with oneDNN's products, at the sizes where that pays (see MIN_POSITIONS)."""
+    group_width = q.shape[1] // kv_heads * q.shape[3]
+    return (uses_onednn() and q.device.type == "cpu" and q.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and q.shape[2] >= MIN_POSITIONS and group_width >= MIN_GROUP_WIDTH)
+
+
+def _blocks(b: int, kv_heads: int, group: int, t: int):
+    """(sequence, key/value head, its query heads, first position, end position) of every block of queries."""
+    for i in range(b):
+        for g in range(kv_heads):
+            for p0 in range(0, t, BLOCK_POSITIONS):
+                yield i, g, slice(g * group, (g + 1) * group), p0, min(p0 + BLOCK_POSITIONS, t)
+
+
+def _causal_scores(q_block: Tensor, k: Tensor, p0: int, p1: int, group: int, scale: float) -> Tensor:
+    """The scaled scores of a block's queries (rows (p0..p1) × group) against keys 0..p1, the future at -inf."""
+    s = linear(q_block, k[:p1]).mul_(scale)
+    future = torch.ones(p1 - p0, p1 - p0, dtype=torch.bool, device=s.device).triu_(1)
+    s.view(p1 - p0, group, p1)[:, :, p0:].masked_fill_(future.unsqueeze(1), -math.inf)
+    return s
+
+
+def _rows(x: Tensor, i: int, heads: slice, p0: int, p1: int) -> Tensor:
+    """Positions p0..p1 of sequence i and `heads` of x (batch × heads × seq × d) as rows (position, head) × d:
+    runs of heads · d floats when x is laid out batch × seq × heads × d, as q, the output and its gradient are."""
+    return x.transpose(1, 2)[i, p0:p1, heads].reshape(-1, x.shape[-1])
+
+
+def _by_position(b: int, t: int, heads: int, d: int, like: Tensor) -> Tensor:
+    """An empty batch × heads × seq × d tensor laid out batch × seq × heads × d, like the flash kernel's output."""
+    return torch.empty(b, t, heads, d, dtype=like.dtype, device=like.device).transpose(1, 2)
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Causal softmax(q kᵀ / sqrt(d)) v for q (batch × heads × seq × d) and k, v (batch × kv_heads × seq × d),
+    heads a multiple of kv_heads; the output and each query's log-sum-exp (see the module)."""
+    b, h, t, d = q.shape
+    kv_heads, group, scale = k.shape[1], h // k.shape[1], 1.0 / math.sqrt(d)
+    k, v = k.contiguous(), v.contiguous()  # each head's keys and values row-major
+    out = _by_position(b, t, h, d, q)
+    lse = torch.empty(b, h, t, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
+    for i, g, heads, p0, p1 in _blocks(b, kv_heads, group, t):
+        s = _causal_scores(_rows(q, i, heads, p0, p1), k[i, g], p0, p1, group, scale)
+        top = s.amax(1, keepdim=True)
+        p = s.sub_(top).exp_()
+        total = p.sum(1, keepdim=True)
+        out.transpose(1, 2)[i, p0:p1, heads] = linear(p, v[i, g, :p1].T).div_(total).view(p1 - p0, group, d)
+        lse[i, heads, p0:p1] = (top + total.log()).view(p1 - p0, group).T
+    return out, lse
+
+
+def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, ...]:
+    """The gradients of q, k and v given the output's, from what `forward` returned."""
+    b, h, t, d = q.shape
+    kv_heads, group, scale = k.shape[1], h // k.shape[1], 1.0 / math.sqrt(d)
+    k, v = k.contiguous(), v.contiguous()
+    grad_q = _by_position(b, t, h, d, q)
+    grad_k, grad_v = (_by_position(b, t, kv_heads, d, k).zero_() for _ in range(2))  # sums over query blocks
+    for i, g, heads, p0, p1 in _blocks(b, kv_heads, group, t):
+        q_block, grad_o = _rows(q, i, heads, p0, p1), _rows(grad_out, i, heads, p0, p1)
+        delta = (grad_o * _rows(out, i, heads, p0, p1)).sum(1, keepdim=True)  # the softmax's backward takes it off
+        p = _causal_scores(q_block, k[i, g], p0, p1, group, scale)
+        p = p.sub_(lse[i, heads, p0:p1].T.reshape(-1, 1)).exp_()
+        grad_v[i, g, :p1] += transposed_product(p, grad_o)
+        grad_s = linear(grad_o, v[i, g, :p1]).sub_(delta).mul_(p).mul_(scale)
+        grad_q.transpose(1, 2)[i, p0:p1, heads] = linear(grad_s, k[i, g, :p1].T).view(p1 - p0, group, d)
+        grad_k[i, g, :p1] += transposed_product(grad_s, q_block)
+    return grad_q, grad_k, grad_v
+
+
+class CausalAttention(torch.autograd.Function):
+    """`forward` and `backward` for autograd: what `F.scaled_dot_product_attention(q, k, v, is_causal=True,
+    enable_gqa=True)` computes, on the routed products."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        out, lse = forward(q, k, v)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        return backward(grad_out, *ctx.saved_tensors)
