@@ -64,7 +64,21 @@ def test_gemm_peak_measures_every_size_and_restores_the_thread_count():
     assert peak.threads == 1 and torch.get_num_threads() == before
     assert peak.dtype == "float32" and peak.to_json()["gemm_peak_dtype"] == "float32"
     bf16 = gemm_peak(threads=1, sizes=(64,), repeats=1, dtype="bfloat16")
-    assert bf16.dtype == "bfloat16" and bf16.flops_per_s > 0
+    assert bf16.dtype == "bfloat16" and bf16.flops_per_s > 0 and bf16.library == "torch"
+    with pytest.raises(ValueError, match="library is one of"):
+        gemm_peak(threads=1, sizes=(64,), library="mkl")
+
+
+def test_the_gemm_peak_is_measured_on_the_library_of_the_steps_products():
+    """MFU holds the step's FLOP/s against what its own products reach: oneDNN's peak where they are routed
+    there, torch's where not (a peak of torch's under oneDNN's products reported MFU above 100 %)."""
+    from sct_edge.model import products
+
+    products.use_onednn(True)
+    assert gemm_peak(threads=1, sizes=(64,), repeats=1).library == ("onednn" if products.onednn_available() else "torch")
+    assert gemm_peak(threads=1, sizes=(64,), repeats=1, dtype="bfloat16").library == "torch"
+    with products.torch_products():
+        assert gemm_peak(threads=1, sizes=(64,), repeats=1).library == "torch"
     assert mfu(10**9, 2.0, 10**9) == 0.5
 
 

@@ -66,12 +66,14 @@ def test_plot_cost_curve_names_a_bad_results_file(tmp_path):
     assert run.returncode != 0 and run.stderr.strip() == f"{bad}:1: not a JSON line (Expecting ',' delimiter)"
 
 
-def test_gemm_peaks_measures_torch_and_openblas():
+def test_gemm_peaks_measures_torch_onednn_and_openblas():
     done = subprocess.run([sys.executable, str(ROOT / "tools" / "gemm_peaks"), "--threads", "1", "--sizes", "64", "96",
                            "--repeats", "1", "--json"], check=True, capture_output=True, text=True)
     report = json.loads(done.stdout)
     assert report["threads"] == 1 and report["openblas_kernels"]
-    for library in ("torch", "openblas"):
+    for library in ("torch", "onednn", "openblas"):
         assert set(report[f"{library}_gemm_per_size"]) == {"64", "96"}
         assert report[f"{library}_gemm_peak_flops"] == max(report[f"{library}_gemm_per_size"].values()) > 0
-    assert report["openblas_over_torch"] == report["openblas_gemm_peak_flops"] / report["torch_gemm_peak_flops"]
+        assert report[f"{library}_gemm_peak_library"] == library
+    for library in ("onednn", "openblas"):
+        assert report[f"{library}_over_torch"] == report[f"{library}_gemm_peak_flops"] / report["torch_gemm_peak_flops"]

@@ -38,7 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "all: the three, each in its own child process, with ratios")
     p.add_argument("--peak-flops", type=float,
                    help="GEMM peak (FLOP/s) to compute MFU against (default: measured at the start of the run, in the "
-                        "profile's compute dtype)")
+                        "profile's compute dtype, with the library the step's products use: oneDNN under --gemm auto "
+                        "on a CPU with AVX-512, torch's otherwise)")
     p.add_argument("--cpu-peak-flops", type=float,
                    help="the CPU's own float32 GEMM peak (FLOP/s) for a second MFU, mfu_cpu_peak (default: measured "
                         "at the start with OpenBLAS, which uses AVX-512 where torch's MKL does not; float32 only)")
@@ -62,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from sct_edge.engine.benchmark import BenchSpec, run_child, run_plain, run_reference, run_streamed
-    from sct_edge.engine.flops import gemm_peak
+    from sct_edge.engine.flops import gemm_peak, step_library
     from sct_edge.engine.memory_cap import memory_cap
     from sct_edge.engine.process import ProcessSettings, configure_process
     from sct_edge.engine.profile import load_profile
@@ -82,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     if args.scratch is not None and not Path(args.scratch).is_dir():
         raise SctError(f"--scratch {args.scratch}: not an existing directory")
     profile = load_profile(args.profile, args.budget)  # a bad profile or budget fails here, before any child
+    configure_process(ProcessSettings(onednn=args.gemm == "auto"))  # the route the GEMM peak is measured on
     spec = BenchSpec(args.preset, args.rank, args.profile, args.budget, args.steps, args.workload, args.batch,
                      args.seq, args.micro_batches, args.store, args.scratch, args.threads, args.peak_flops, args.trace,
                      args.clip, args.plain_dtype, gemm=args.gemm)
@@ -125,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
     for line in lines:
         print(json.dumps(line) if args.json else _human(line))
     if not args.json:
-        how = "given" if args.peak_flops else f"{profile.compute_dtype} square products, measured at the start"
+        how = "given" if args.peak_flops else (f"{profile.compute_dtype} square products with "
+                                               f"{step_library(profile.compute_dtype)}, measured at the start")
         print(f"GEMM peak   {spec.peak_flops / 1e9:.1f} GFLOP/s ({how})")
         if spec.cpu_peak_flops is not None:
             how = "given" if args.cpu_peak_flops else "float32 square products with OpenBLAS, measured at the start"

@@ -12,9 +12,10 @@ The hidden-sum workload has no embedding, head or softmax attention, only the se
 
 MFU is model FLOPs per second over the GEMM peak of square products measured on this machine in the step's
 compute dtype (float32, or bfloat16 where a profile computes in it), with the thread count the run uses, in
-the same invocation (`gemm_peak`), with torch's GEMM: the speed the step's own products can reach. Where
-torch's MKL leaves part of the CPU unused (it runs AVX2 code on AMD CPUs with AVX-512), `tools/gemm_peaks`
-shows the higher peak OpenBLAS reaches.
+the same invocation (`gemm_peak`), with the library the step's products use (`step_library`: oneDNN where
+`sct_edge/model/products.py` routes them there, torch's GEMM otherwise): the speed those products can reach.
+torch's own float32 GEMM is MKL's, which runs AVX2 code on AMD CPUs with AVX-512; `tools/gemm_peaks` shows
+torch's, oneDNN's and OpenBLAS's peaks side by side.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from sct_edge.model.config import ModelConfig
+from sct_edge.model.products import uses_onednn
 
 PEAK_SIZES = (1024, 2048, 4096)
 
@@ -72,23 +74,38 @@ class GemmPeak:
     threads: int
     per_size: dict[int, float]
     dtype: str = "float32"
+    library: str = "torch"
 
     def to_json(self) -> dict:
         return {"gemm_peak_flops": self.flops_per_s, "gemm_peak_size": self.size, "gemm_threads": self.threads,
-                "gemm_per_size": {str(k): v for k, v in self.per_size.items()}, "gemm_peak_dtype": self.dtype}
+                "gemm_per_size": {str(k): v for k, v in self.per_size.items()}, "gemm_peak_dtype": self.dtype,
+                "gemm_peak_library": self.library}
+
+
+LIBRARIES = ("torch", "onednn", "openblas")
+
+
+def step_library(dtype: str = "float32") -> str:
+    """The library of the step's products in `dtype`: oneDNN where `sct_edge/model/products.py` routes float32
+    products to it, torch's own otherwise (whose bfloat16 products are oneDNN's already)."""
+    return "onednn" if dtype == "float32" and uses_onednn() else "torch"
 
 
 def gemm_peak(threads: int | None = None, sizes: tuple[int, ...] = PEAK_SIZES, repeats: int = 3,
-              dtype: str = "float32", library: str = "torch") -> GemmPeak:
+              dtype: str = "float32", library: str | None = None) -> GemmPeak:
     """GEMM FLOP/s of square products in `dtype` (float32 or bfloat16): the median of `repeats` timed products
     per size, best size wins.
 
     `threads` sets torch's thread count for the measurement (restored after); it should be the run's.
-    `library` "openblas" times OpenBLAS's GEMM instead (float32, `sct_edge.model.openblas`, on `threads` of its
-    own threads): what the CPU reaches where torch's MKL does not use all of it (AVX-512 on AMD CPUs).
+    `library` None times the products the step runs (`step_library`), so MFU is against what its products can
+    reach; "torch" times `torch.mm` (MKL for float32), "onednn" torch's oneDNN (`_linear_pointwise`, float32,
+    its result allocated as the step's are), "openblas" OpenBLAS's GEMM (float32, `sct_edge.model.openblas`,
+    on `threads` of its own threads): what the CPU reaches where torch's MKL does not use all of it (AVX-512 on
+    AMD CPUs).
     """
-    if library not in ("torch", "openblas"):
-        raise ValueError(f"gemm_peak: library is torch or openblas, not {library!r}")
+    library = step_library(dtype) if library is None else library
+    if library not in LIBRARIES:
+        raise ValueError(f"gemm_peak: library is one of {', '.join(LIBRARIES)}, not {library!r}")
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -97,6 +114,9 @@ def gemm_peak(threads: int | None = None, sizes: tuple[int, ...] = PEAK_SIZES, r
 
         def multiply(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
             openblas.gemm(a, b, out, torch.get_num_threads())
+    elif library == "onednn":
+        def multiply(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+            torch.ops.mkldnn._linear_pointwise(a, b.T, None, "none", [], "")  # a b; oneDNN has no out=
     else:
         def multiply(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
             torch.mm(a, b, out=out)
@@ -114,7 +134,7 @@ def gemm_peak(threads: int | None = None, sizes: tuple[int, ...] = PEAK_SIZES, r
                 times.append(time.perf_counter() - t0)
             per_size[n] = 2 * n**3 / statistics.median(times)
         best = max(per_size, key=per_size.get)
-        return GemmPeak(per_size[best], best, torch.get_num_threads(), per_size, dtype)
+        return GemmPeak(per_size[best], best, torch.get_num_threads(), per_size, dtype, library)
     finally:
         torch.set_num_threads(previous)
 
