@@ -75,7 +75,8 @@ def test_the_gemm_peak_is_measured_on_the_library_of_the_steps_products():
     from sct_edge.model import products
 
     products.use_onednn(True)
-    assert gemm_peak(threads=1, sizes=(64,), repeats=1).library == ("onednn" if products.onednn_available() else "torch")
+    routed = "onednn" if products.onednn_available() else "torch"
+    assert gemm_peak(threads=1, sizes=(64,), repeats=1).library == routed
     assert gemm_peak(threads=1, sizes=(64,), repeats=1, dtype="bfloat16").library == "torch"
     with products.torch_products():
         assert gemm_peak(threads=1, sizes=(64,), repeats=1).library == "torch"

@@ -8,11 +8,13 @@ heads in its rows), taken a block of `BLOCK_POSITIONS` positions at a time again
 end, so the products skip most of the masked half and run on `sct_edge/model/products.py`'s `linear`; the
 softmax of a block is a few passes over a cache-sized tile.
 
-The pair `forward` / `backward` has the flash kernel's interface: the output (batch × heads × seq × head_dim,
-laid out as batch × seq × heads × head_dim like the kernel's) and the log-sum-exp of each query's scaled scores
-(batch × heads × seq, float32), and backward takes them back. `CausalAttention` wraps them for autograd;
-`sct_edge/model/memo.py` records and replays them. Backward recomputes each block's probabilities from the
-log-sum-exp (one product and one exp) rather than keeping them.
+`forward` returns the output (batch × heads × seq × head_dim, laid out batch × seq × heads × head_dim like
+the flash kernel's); `backward` takes it back with the output's gradient. `CausalAttention` wraps them for
+autograd; `sct_edge/model/memo.py` records the output and replays it. Backward recomputes each block's
+probabilities (one product and the same softmax as forward) rather than keeping them. torch's softmax kernel
+takes a block of scores in less time than its `exp_` alone (81 against 171 µs for 512 × 512), so no pass
+computes a log-sum-exp as the flash kernel does: forward 1.4x and backward 1.1x faster at 4 × 512 than
+max, exp and sum passes with the log-sum-exp kept.
 """
 
 from __future__ import annotations
@@ -71,25 +73,20 @@ def _by_position(b: int, t: int, heads: int, d: int, like: Tensor) -> Tensor:
     return torch.empty(b, t, heads, d, dtype=like.dtype, device=like.device).transpose(1, 2)
 
 
-def forward(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+def forward(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Causal softmax(q kᵀ / sqrt(d)) v for q (batch × heads × seq × d) and k, v (batch × kv_heads × seq × d),
-    heads a multiple of kv_heads; the output and each query's log-sum-exp (see the module)."""
+    heads a multiple of kv_heads: the output, laid out batch × seq × heads × d (see the module)."""
     b, h, t, d = q.shape
     kv_heads, group, scale = k.shape[1], h // k.shape[1], 1.0 / math.sqrt(d)
     k, v = k.contiguous(), v.contiguous()  # each head's keys and values row-major
     out = _by_position(b, t, h, d, q)
-    lse = torch.empty(b, h, t, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
     for i, g, heads, p0, p1 in _blocks(b, kv_heads, group, t):
         s = _causal_scores(_rows(q, i, heads, p0, p1), k[i, g], p0, p1, group, scale)
-        top = s.amax(1, keepdim=True)
-        p = s.sub_(top).exp_()
-        total = p.sum(1, keepdim=True)
-        out.transpose(1, 2)[i, p0:p1, heads] = linear(p, v[i, g, :p1].T).div_(total).view(p1 - p0, group, d)
-        lse[i, heads, p0:p1] = (top + total.log()).view(p1 - p0, group).T
-    return out, lse
+        out.transpose(1, 2)[i, p0:p1, heads] = linear(torch.softmax(s, 1), v[i, g, :p1].T).view(p1 - p0, group, d)
+    return out
 
 
-def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, ...]:
+def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor) -> tuple[Tensor, ...]:
     """The gradients of q, k and v given the output's, from what `forward` returned."""
     b, h, t, d = q.shape
     kv_heads, group, scale = k.shape[1], h // k.shape[1], 1.0 / math.sqrt(d)
@@ -99,8 +96,7 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
     for i, g, heads, p0, p1 in _blocks(b, kv_heads, group, t):
         q_block, grad_o = _rows(q, i, heads, p0, p1), _rows(grad_out, i, heads, p0, p1)
         delta = (grad_o * _rows(out, i, heads, p0, p1)).sum(1, keepdim=True)  # the softmax's backward takes it off
-        p = _causal_scores(q_block, k[i, g], p0, p1, group, scale)
-        p = p.sub_(lse[i, heads, p0:p1].T.reshape(-1, 1)).exp_()
+        p = torch.softmax(_causal_scores(q_block, k[i, g], p0, p1, group, scale), 1)  # forward's, recomputed
         grad_v[i, g, :p1] += transposed_product(p, grad_o)
         grad_s = linear(grad_o, v[i, g, :p1]).sub_(delta).mul_(p).mul_(scale)
         grad_q.transpose(1, 2)[i, p0:p1, heads] = linear(grad_s, k[i, g, :p1].T).view(p1 - p0, group, d)
@@ -114,8 +110,8 @@ class CausalAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        out, lse = forward(q, k, v)
-        ctx.save_for_backward(q, k, v, out, lse)
+        out = forward(q, k, v)
+        ctx.save_for_backward(q, k, v, out)
         return out
 
     @staticmethod

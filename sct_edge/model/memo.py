@@ -5,7 +5,8 @@ and again in backward, with grad, to rebuild the graph it backpropagates through
 forward compute what the first one already had, and what their backward needs of it is small:
 
 - attention: the flash kernel's backward needs q, k and v (rebuilt cheaply from rank-wide products) and the
-  forward's output and log-sum-exp (tokens × dim and tokens × heads). The first forward records those two;
+  forward's output and log-sum-exp (tokens × dim and tokens × heads; `sct_edge/model/attention.py`'s, where it
+  is routed, the output alone). The first forward records those;
   the recompute skips the attention kernel and `ReplayedAttention` hands them to the kernel's backward.
   On llama3-8b r128 at 4 × 512 the kernel is about a tenth of a block's forward + recompute + backward.
 - the rank-wide products of spectral q, k, v and o with their inputs (`SharedInputProjections` in
@@ -71,7 +72,8 @@ class MemoArena:
 class BlockMemo:
     """One block's memo for one micro-batch: empty until the first forward records it, then replayed."""
 
-    attention: tuple[Tensor, Tensor] | None = None  # the flash kernel's output and log-sum-exp
+    # the flash kernel's output and log-sum-exp, or `sct_edge/model/attention.py`'s output and None
+    attention: tuple[Tensor, Tensor | None] | None = None
     qkv_in: tuple[Tensor, ...] | None = None  # x·U of spectral q, k and v (`SharedInputProjections`)
     o_in: tuple[Tensor] | None = None  # the attention output · U of a spectral o
     mlp: tuple[Tensor, Tensor, Tensor] | None = None  # x·U of gate and up, and down's rank-wide accumulator
@@ -88,15 +90,15 @@ class ReplayedAttention(torch.autograd.Function):
     """Causal attention whose forward returns a recorded output and whose backward is the recording kernel's own."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor | None) -> Tensor:
         ctx.save_for_backward(q, k, v, out, lse)
         return out.view_as(out)  # a fresh alias: the graph attaches to it, not to the memo's tensor
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         q, k, v, out, lse = ctx.saved_tensors
-        if attention.routed(q, k.shape[1]):
-            grad_q, grad_k, grad_v = attention.backward(grad_out, q, k, v, out, lse)
+        if lse is None:  # recorded by sct_edge/model/attention.py
+            grad_q, grad_k, grad_v = attention.backward(grad_out, q, k, v, out)
         else:
             grad_q, grad_k, grad_v = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 grad_out, q, k, v, out, lse, 0.0, True)
@@ -114,9 +116,10 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, memo: BlockMemo) -> Tensor
     (torch's flash kernel, or `sct_edge/model/attention.py` where it is routed), so the values are the same."""
     if memo.attention is None:
         if attention.routed(q, k.shape[1]):
-            out, lse = attention.forward(q, k, v)
+            out = attention.forward(q, k, v)
+            memo.attention = (*memo.keep(out), None)
         else:
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
-        memo.attention = memo.keep(out, lse)
+            memo.attention = memo.keep(out, lse)
         return out
     return ReplayedAttention.apply(q, k, v, *memo.attention)
