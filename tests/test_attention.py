@@ -104,3 +104,15 @@ def test_the_block_and_its_memo_take_the_routed_attention(routed_everywhere):
     memo = BlockMemo()
     first = causal_attention(q, k, v, memo)
     assert torch.equal(first, attention.forward(q, k, v)) and memo.attention[1] is None  # no log-sum-exp
+
+
+def test_a_memo_recorded_with_grad_on_still_backpropagates(routed_everywhere, products_route):
+    """The flash op the memo calls otherwise is differentiable; the routed kernel must be too."""
+    q, k, v = (t.detach().requires_grad_() for t in qkv(heads=4, kv_heads=2))
+    out = causal_attention(q, k, v, BlockMemo())
+    assert out.grad_fn is not None
+    out.sum().backward()
+    expected = [t.detach().requires_grad_() for t in (q, k, v)]
+    F.scaled_dot_product_attention(*expected, is_causal=True, enable_gqa=True).sum().backward()
+    for got, want in zip((q, k, v), expected, strict=True):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-5)

@@ -116,7 +116,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, memo: BlockMemo) -> Tensor
     (torch's flash kernel, or `sct_edge/model/attention.py` where it is routed), so the values are the same."""
     if memo.attention is None:
         if attention.routed(q, k.shape[1]):
-            out = attention.forward(q, k, v)
+            out = attention.CausalAttention.apply(q, k, v)  # differentiable, as the flash op is, should grad be on
             memo.attention = (*memo.keep(out), None)
         else:
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
