@@ -84,6 +84,20 @@ def linear(x: Tensor, w: Tensor, add: Tensor | None = None) -> Tensor:
     return torch.addmm(add, x, w.T)
 
 
+def accumulate_linear(acc: Tensor, x: Tensor, w: Tensor) -> Tensor:
+    """acc + x wᵀ for acc of the result's shape and x's dtype; use the returned tensor. On torch it is acc itself
+    (`addmm_`, no second x-sized tensor); oneDNN has no in-place form and sums acc in its epilogue instead."""
+    if _routed(x, w):
+        return linear(x, w, add=acc)
+    return acc.addmm_(x, w.T)
+
+
+def rows_of_transpose(t: Tensor) -> Tensor | None:
+    """tᵀ copied to rows for `transposed_product`'s `b_t` where float32 products go to oneDNN; None where they do
+    not (torch's BLAS reads a transposed operand without a copy)."""
+    return t.T.contiguous() if _enabled and t.dtype == torch.float32 and not torch.is_autocast_enabled("cpu") else None
+
+
 def transposed_product(a: Tensor, b: Tensor, b_t: Tensor | None = None) -> Tensor:
     """aᵀ b for a (m × n) and b (m × k), the n × k result possibly as a transposed view; no autograd.
 

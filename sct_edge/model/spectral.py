@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from sct_edge.errors import SctError
-from sct_edge.model.products import linear, product, transposed_product
+from sct_edge.model.products import accumulate_linear, linear, product, transposed_product
 
 
 def spectral_apply(x: Tensor, U: Tensor, s: Tensor, V: Tensor) -> Tensor:
@@ -27,8 +27,9 @@ class SharedInputProjections(torch.autograd.Function):
 
     Left to autograd, each map's input gradient is its own x-sized product, summed by separate passes: on
     llama3-8b r128 at 4 × 512 the three products and two adds took 72–82 ms, against 37–39 ms when each product
-    adds into one tensor (`addmm_`), as backward does here. Forward returns `recorded` instead when given: a
-    memo's outputs for the same x and factors (`sct_edge/model/memo.py`), so a recompute skips the products.
+    adds into one tensor (`accumulate_linear`: `addmm_`, or oneDNN's sum epilogue), as backward does here.
+    Forward returns `recorded` instead when given: a memo's outputs for the same x and factors
+    (`sct_edge/model/memo.py`), so a recompute skips the products.
     Saves only x and the factors. Under autocast the products run in its dtype, in backward too.
     """
 
@@ -53,7 +54,7 @@ class SharedInputProjections(torch.autograd.Function):
             if grad_x is None:
                 grad_x = linear(grad, U).to(x.dtype)
             elif dtype == x.dtype:
-                grad_x = linear(grad, U, add=grad_x)
+                grad_x = accumulate_linear(grad_x, grad, U)
             else:  # half-precision products: summed in x's dtype, as autograd sums the casts' gradients
                 grad_x += linear(grad, U)
         return grad_x.view(x.shape), None, *grad_factors

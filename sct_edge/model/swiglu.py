@@ -25,7 +25,7 @@ from torch import Tensor
 
 from sct_edge.model import accounting
 from sct_edge.model.memo import BlockMemo
-from sct_edge.model.products import linear, transposed_product, uses_onednn
+from sct_edge.model.products import accumulate_linear, linear, rows_of_transpose, transposed_product
 from sct_edge.model.spectral import rank_out
 
 
@@ -72,10 +72,9 @@ class SpectralSwiGLU(torch.autograd.Function):
         grad_acc = b * s_d
         grad_U_d, grad_V_g, grad_V_u = torch.empty_like(U_d), torch.empty_like(V_g), torch.empty_like(V_u)
         grad_a_g, grad_a_u = torch.zeros_like(acc), torch.zeros_like(acc)  # rank-wide, like acc
-        routed = uses_onednn() and dtype == torch.float32
         # The slices' weight gradients are (slice-wide)ᵀ × (rank-wide): on oneDNN the rank-wide operand goes
         # transposed to rows once here rather than in every slice (`transposed_product`).
-        grad_acc_t, a_u_t, a_g_t = (t.T.contiguous() if routed else None for t in (grad_acc, a_u, a_g))
+        grad_acc_t, a_u_t, a_g_t = (rows_of_transpose(t) for t in (grad_acc, a_u, a_g))
         for c in range(0, V_g.shape[0], ctx.chunk):
             cols = slice(c, c + ctx.chunk)
             g = linear(a_g, V_g[cols])
@@ -92,7 +91,8 @@ class SpectralSwiGLU(torch.autograd.Function):
         grad_a_g, grad_a_u = grad_a_g.to(dtype), grad_a_u.to(dtype)
         grad_s_g, grad_s_u = (grad_a_g * x_g).sum(0), (grad_a_u * x_u).sum(0)
         grad_x_g, grad_x_u = grad_a_g * s_g, grad_a_u * s_u
-        grad_x = linear(grad_x_u, U_u, add=linear(grad_x_g, U_g))  # one x-sized gradient (SharedInputProjections)
+        # one x-sized gradient, as in SharedInputProjections
+        grad_x = accumulate_linear(linear(grad_x_g, U_g), grad_x_u, U_u)
         grad_U_g, grad_U_u = (transposed_product(x, grad).contiguous() for grad in (grad_x_g, grad_x_u))
         grads = (grad_x, grad_U_g, grad_s_g, grad_V_g, grad_U_u, grad_s_u, grad_V_u, grad_U_d, grad_s_d, grad_V_d)
         grads = tuple(g.to(d) for g, d in zip(grads, ctx.input_dtypes, strict=True))
