@@ -13,8 +13,8 @@ the flash kernel's); `backward` takes it back with the output's gradient. `Causa
 autograd; `sct_edge/model/memo.py` records the output and replays it. Backward recomputes each block's
 probabilities (one product and the same softmax as forward) rather than keeping them. torch's softmax kernel
 takes a block of scores in less time than its `exp_` alone (81 against 171 µs for 512 × 512), so no pass
-computes a log-sum-exp as the flash kernel does: forward 1.4x and backward 1.1x faster at 4 × 512 than
-max, exp and sum passes with the log-sum-exp kept.
+computes a log-sum-exp as the flash kernel does: forward 1.35x and backward 1.26x faster at 4 × 512 (1.15x and
+0.97x at 4 × 2048) than max, exp and sum passes with the log-sum-exp kept.
 """
 
 from __future__ import annotations
@@ -54,11 +54,17 @@ def _blocks(b: int, kv_heads: int, group: int, t: int):
                 yield i, g, slice(g * group, (g + 1) * group), p0, min(p0 + BLOCK_POSITIONS, t)
 
 
-def _causal_scores(q_block: Tensor, k: Tensor, p0: int, p1: int, group: int, scale: float) -> Tensor:
+def _future(device: torch.device) -> Tensor:
+    """A block's mask of later keys (block × 1 × block, True above the diagonal); a last, shorter block of n
+    positions takes its leading n × 1 × n corner."""
+    return torch.ones(BLOCK_POSITIONS, BLOCK_POSITIONS, dtype=torch.bool, device=device).triu_(1).unsqueeze(1)
+
+
+def _causal_scores(q_block: Tensor, k: Tensor, p0: int, p1: int, group: int, scale: float, future: Tensor) -> Tensor:
     """The scaled scores of a block's queries (rows (p0..p1) × group) against keys 0..p1, the future at -inf."""
     s = linear(q_block, k[:p1]).mul_(scale)
-    future = torch.ones(p1 - p0, p1 - p0, dtype=torch.bool, device=s.device).triu_(1)
-    s.view(p1 - p0, group, p1)[:, :, p0:].masked_fill_(future.unsqueeze(1), -math.inf)
+    n = p1 - p0
+    s.view(n, group, p1)[:, :, p0:].masked_fill_(future[:n, :, :n], -math.inf)
     return s
 
 
@@ -79,9 +85,9 @@ def forward(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     b, h, t, d = q.shape
     kv_heads, group, scale = k.shape[1], h // k.shape[1], 1.0 / math.sqrt(d)
     k, v = k.contiguous(), v.contiguous()  # each head's keys and values row-major
-    out = _by_position(b, t, h, d, q)
+    out, future = _by_position(b, t, h, d, q), _future(q.device)
     for i, g, heads, p0, p1 in _blocks(b, kv_heads, group, t):
-        s = _causal_scores(_rows(q, i, heads, p0, p1), k[i, g], p0, p1, group, scale)
+        s = _causal_scores(_rows(q, i, heads, p0, p1), k[i, g], p0, p1, group, scale, future)
         out.transpose(1, 2)[i, p0:p1, heads] = linear(torch.softmax(s, 1), v[i, g, :p1].T).view(p1 - p0, group, d)
     return out
 
@@ -91,12 +97,12 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor) -> 
     b, h, t, d = q.shape
     kv_heads, group, scale = k.shape[1], h // k.shape[1], 1.0 / math.sqrt(d)
     k, v = k.contiguous(), v.contiguous()
-    grad_q = _by_position(b, t, h, d, q)
+    grad_q, future = _by_position(b, t, h, d, q), _future(q.device)
     grad_k, grad_v = (_by_position(b, t, kv_heads, d, k).zero_() for _ in range(2))  # sums over query blocks
     for i, g, heads, p0, p1 in _blocks(b, kv_heads, group, t):
         q_block, grad_o = _rows(q, i, heads, p0, p1), _rows(grad_out, i, heads, p0, p1)
         delta = (grad_o * _rows(out, i, heads, p0, p1)).sum(1, keepdim=True)  # the softmax's backward takes it off
-        p = torch.softmax(_causal_scores(q_block, k[i, g], p0, p1, group, scale), 1)  # forward's, recomputed
+        p = torch.softmax(_causal_scores(q_block, k[i, g], p0, p1, group, scale, future), 1)  # forward's, recomputed
         grad_v[i, g, :p1] += transposed_product(p, grad_o)
         grad_s = linear(grad_o, v[i, g, :p1]).sub_(delta).mul_(p).mul_(scale)
         grad_q.transpose(1, 2)[i, p0:p1, heads] = linear(grad_s, k[i, g, :p1].T).view(p1 - p0, group, d)
