@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-from dataclasses import replace
 from pathlib import Path
 
 from sct_edge.commands.former_names import workload_argument
@@ -99,9 +98,8 @@ def run(args: argparse.Namespace) -> int:
         raise SctError("--cap applies to the streamed engine: use --engine streamed, both or all")
     if args.engine in runners and not args.cap:
         # The in-memory baselines run as a plain PyTorch program would: torch's and glibc's own settings.
-        settings = (ProcessSettings.for_profile(profile, args.threads) if args.engine == "streamed"
-                    else ProcessSettings(threads=args.threads))
-        configure_process(replace(settings, onednn=args.gemm == "auto"))
+        configure_process(ProcessSettings.for_profile(profile, args.threads) if args.engine == "streamed"
+                          else ProcessSettings(threads=args.threads))  # the products' route is set above
         result = runners[args.engine](spec)
         print(json.dumps({"preset": None if spec.store else spec.preset, "store": spec.store, "rank": spec.rank,
                           "workload": spec.workload, "batch": spec.batch, "seq": spec.seq, **result}))
