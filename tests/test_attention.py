@@ -50,12 +50,11 @@ def test_gradcheck_in_float64(small_blocks):
 
 
 def test_routed_where_it_pays_only():
-    heads_of = dict(llama3_8b=(32, 8, 128), smollm2=(9, 3, 64))
-    for name, (heads, kv_heads, d) in heads_of.items():
+    """llama3-8b's heads (4 of 128 per key/value head) from 256 positions; SmolLM2's (3 of 64) never."""
+    for heads, kv_heads, d, routed_from in ((32, 8, 128, 256), (9, 3, 64, None)):
         for t in (8, 255, 256, 2048):
-            q = torch.empty(1, heads, t, d)
-            wide = heads // kv_heads * d >= attention.MIN_GROUP_WIDTH
-            assert attention.routed(q, kv_heads) == (attention.uses_onednn() and wide and t >= 256), (name, t)
+            expected = products.uses_onednn() and routed_from is not None and t >= routed_from
+            assert attention.routed(torch.empty(1, heads, t, d), kv_heads) == expected, (heads, t)
     q = torch.empty(1, 32, 512, 128)
     assert not attention.routed(q.double(), 8) and not attention.routed(q.bfloat16(), 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
