@@ -17,7 +17,7 @@ from sct_edge.cli import main
 from sct_edge.engine import plan as plan_module
 from sct_edge.engine.benchmark import time_by_kind
 from sct_edge.engine.flops import attention_flops, forward_flops_per_sequence, gemm_peak, mfu, training_step_flops
-from sct_edge.engine.malloc import MallocThresholds
+from sct_edge.engine.malloc import NO_TRIM, MallocThresholds
 from sct_edge.engine.memory_cap import cgroup_available
 from sct_edge.engine.process import current_process_settings
 from sct_edge.model.accounting import CHUNK_LOGIT_BYTES
@@ -141,7 +141,7 @@ def test_an_existing_store_is_benchmarked_on_a_copy_and_reports_mfu(tmp_path, ca
 def test_the_streamed_step_runs_under_the_malloc_thresholds_its_plan_chose(tmp_path, capsys, monkeypatch):
     """The plan's heap threshold reaches the process: with the default lowered to 1 KiB, the tiny model's
     hidden states count as large, and the plan lifts the threshold for the step to twice the larger of their
-    size and a loss chunk's logits."""
+    size and a loss chunk's logits, and never trims the heap."""
     monkeypatch.setattr(plan_module, "STEP_MALLOC", MallocThresholds(mmap_bytes=1024, trim_bytes=64 << 20))
     rc, _, err = bench_here(capsys, "--preset", "tiny", "--workload", "lm", "--batch", "2", "--seq", "16", "--steps",
                             "1", "--profile", "ci", "--engine", "streamed", "--peak-flops", "1e9", "--scratch",
@@ -149,7 +149,7 @@ def test_the_streamed_step_runs_under_the_malloc_thresholds_its_plan_chose(tmp_p
     assert rc == 0, err
     hidden = 2 * 16 * get_preset("tiny").dim * 4
     assert current_process_settings().malloc == MallocThresholds(
-        mmap_bytes=2 * max(hidden, CHUNK_LOGIT_BYTES), trim_bytes=64 << 20)
+        mmap_bytes=2 * max(hidden, CHUNK_LOGIT_BYTES), trim_bytes=NO_TRIM)
 
 
 def test_all_engines_report_ratios_to_the_plain_loop(tmp_path):

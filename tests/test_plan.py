@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 
+from sct_edge.engine.malloc import NO_TRIM
 from sct_edge.engine.plan import (
     HEAP_SLACK_TENSORS,
     RUNTIME_OVERHEAD_BYTES,
@@ -370,6 +371,7 @@ def test_hidden_state_tensors_come_from_the_heap_only_when_nothing_is_paged_and_
     assert not roomy.paging
     # Twice the larger of a hidden state and a loss chunk's logits (128 MiB), so that both come from the heap.
     assert roomy.heap_tensor_limit == 2 * CHUNK_LOGIT_BYTES == roomy.malloc.mmap_bytes
+    assert roomy.malloc.trim_bytes == NO_TRIM  # what the next block would fault in again stays in the heap
     assert roomy.heap_slack_bytes == HEAP_SLACK_TENSORS * hidden
     assert any("malloc heap slack" in line for line in roomy.describe())
     # The slack is counted in the peak, and it never costs a resident block: a budget with room for every

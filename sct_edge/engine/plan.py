@@ -55,7 +55,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from sct_edge.engine.malloc import STEP_MALLOC, MallocThresholds
+from sct_edge.engine.malloc import NO_TRIM, STEP_MALLOC, MallocThresholds
 from sct_edge.engine.profile import DTYPE_BYTES, Profile
 from sct_edge.errors import SctError
 from sct_edge.model.accounting import (
@@ -265,8 +265,10 @@ class MemoryPlan:
 
     @property
     def malloc(self) -> MallocThresholds:
-        """glibc malloc's thresholds for the step this plan runs (`configure_process` applies them)."""
-        return MallocThresholds(mmap_bytes=self.heap_tensor_limit, trim_bytes=STEP_MALLOC.trim_bytes)
+        """glibc malloc's thresholds for the step this plan runs (`configure_process` applies them): with the
+        hidden-state tensors on the heap, a heap that is never trimmed (`NO_TRIM`)."""
+        trim = NO_TRIM if self.heap_slack_bytes else STEP_MALLOC.trim_bytes
+        return MallocThresholds(mmap_bytes=self.heap_tensor_limit, trim_bytes=trim)
 
     @property
     def block_resident_bytes(self) -> int:
