@@ -55,17 +55,26 @@ def _blocks(b: int, kv_heads: int, group: int, t: int):
 
 
 def _future(device: torch.device) -> Tensor:
-    """A block's mask of later keys (block × 1 × block, True above the diagonal); a last, shorter block of n
-    positions takes its leading n × 1 × n corner."""
-    return torch.ones(BLOCK_POSITIONS, BLOCK_POSITIONS, dtype=torch.bool, device=device).triu_(1).unsqueeze(1)
+    """A block's additive mask of later keys (block × 1 × block: -inf above the diagonal, 0 elsewhere); a last,
+    shorter block of n positions takes its leading n × 1 × n corner. Added to the scores' diagonal block rather
+    than written with `masked_fill_`: on that strided view `add_` took 8.6 µs where `masked_fill_` took 51 (a
+    block of 128 positions × 4 heads against 512 keys, 2 threads)."""
+    return torch.full((BLOCK_POSITIONS, BLOCK_POSITIONS), -math.inf, device=device).triu_(1).unsqueeze(1)
 
 
-def _causal_scores(q_block: Tensor, k: Tensor, p0: int, p1: int, group: int, scale: float, future: Tensor) -> Tensor:
-    """The scaled scores of a block's queries (rows (p0..p1) × group) against keys 0..p1, the future at -inf."""
-    s = linear(q_block, k[:p1]).mul_(scale)
+def _causal_scores(q_block: Tensor, k_scaled: Tensor, p0: int, p1: int, group: int, future: Tensor) -> Tensor:
+    """The scores of a block's queries (rows (p0..p1) × group) against keys 0..p1 (already scaled by 1/sqrt(d)),
+    the future at -inf."""
+    s = linear(q_block, k_scaled[:p1])
     n = p1 - p0
-    s.view(n, group, p1)[:, :, p0:].masked_fill_(future[:n, :, :n], -math.inf)
+    s.view(n, group, p1)[:, :, p0:].add_(future[:n, :, :n])
     return s
+
+
+def _scaled_rows(k: Tensor, scale: float) -> Tensor:
+    """scale · k, each head's rows contiguous: the softmax's scale taken once on the keys, not on every block of
+    scores (q (s k)ᵀ rounds differently from s (q kᵀ), within float32 rounding)."""
+    return torch.mul(k.detach(), scale, out=torch.empty(k.shape, dtype=k.dtype, device=k.device))
 
 
 def _rows(x: Tensor, i: int, heads: slice, p0: int, p1: int) -> Tensor:
@@ -84,10 +93,10 @@ def forward(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     heads a multiple of kv_heads: the output, laid out batch × seq × heads × d (see the module)."""
     b, h, t, d = q.shape
     kv_heads, group, scale = k.shape[1], h // k.shape[1], 1.0 / math.sqrt(d)
-    k, v = k.contiguous(), v.contiguous()  # each head's keys and values row-major
+    k, v = _scaled_rows(k, scale), v.contiguous()  # each head's keys and values row-major
     out, future = _by_position(b, t, h, d, q), _future(q.device)
     for i, g, heads, p0, p1 in _blocks(b, kv_heads, group, t):
-        s = _causal_scores(_rows(q, i, heads, p0, p1), k[i, g], p0, p1, group, scale, future)
+        s = _causal_scores(_rows(q, i, heads, p0, p1), k[i, g], p0, p1, group, future)
         out.transpose(1, 2)[i, p0:p1, heads] = linear(torch.softmax(s, 1), v[i, g, :p1].T).view(p1 - p0, group, d)
     return out
 
@@ -96,18 +105,18 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor) -> 
     """The gradients of q, k and v given the output's, from what `forward` returned."""
     b, h, t, d = q.shape
     kv_heads, group, scale = k.shape[1], h // k.shape[1], 1.0 / math.sqrt(d)
-    k, v = k.contiguous(), v.contiguous()
+    k, v = _scaled_rows(k, scale), v.contiguous()
     grad_q, future = _by_position(b, t, h, d, q), _future(q.device)
     grad_k, grad_v = (_by_position(b, t, kv_heads, d, k).zero_() for _ in range(2))  # sums over query blocks
     for i, g, heads, p0, p1 in _blocks(b, kv_heads, group, t):
         q_block, grad_o = _rows(q, i, heads, p0, p1), _rows(grad_out, i, heads, p0, p1)
         delta = (grad_o * _rows(out, i, heads, p0, p1)).sum(1, keepdim=True)  # the softmax's backward takes it off
-        p = torch.softmax(_causal_scores(q_block, k[i, g], p0, p1, group, scale, future), 1)  # forward's, recomputed
+        p = torch.softmax(_causal_scores(q_block, k[i, g], p0, p1, group, future), 1)  # forward's, recomputed
         grad_v[i, g, :p1] += transposed_product(p, grad_o)
-        grad_s = linear(grad_o, v[i, g, :p1]).sub_(delta).mul_(p).mul_(scale)
+        grad_s = linear(grad_o, v[i, g, :p1]).sub_(delta).mul_(p)  # the scores' gradient over the scale
         grad_q.transpose(1, 2)[i, p0:p1, heads] = linear(grad_s, k[i, g, :p1].T).view(p1 - p0, group, d)
         grad_k[i, g, :p1] += transposed_product(grad_s, q_block)
-    return grad_q, grad_k, grad_v
+    return grad_q, grad_k.mul_(scale), grad_v
 
 
 class CausalAttention(torch.autograd.Function):
