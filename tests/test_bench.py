@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from sct_edge.cli import main
 from sct_edge.engine import plan as plan_module
-from sct_edge.engine.benchmark import time_by_kind
+from sct_edge.engine.benchmark import BenchSpec, time_by_kind, timed_steps
 from sct_edge.engine.flops import attention_flops, forward_flops_per_sequence, gemm_peak, mfu, training_step_flops
 from sct_edge.engine.malloc import NO_TRIM, MallocThresholds
 from sct_edge.engine.memory_cap import cgroup_available
@@ -132,6 +132,7 @@ def test_an_existing_store_is_benchmarked_on_a_copy_and_reports_mfu(tmp_path, ca
     assert line["cpu_gemm_peak_flops"] > 0
     assert line["mfu_cpu_peak"] == pytest.approx(line["model_flops"] / line["step_s"] / line["cpu_gemm_peak_flops"])
     assert line["tokens_per_s"] == pytest.approx(32 / line["step_s"])
+    assert line["minor_faults"] >= 0
     # The steps ran on a copy: the store's files are exactly as they were, and no scratch copy is left.
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "store").iterdir()} == files
     assert (tmp_path / "store" / MANIFEST).read_bytes() == manifest
@@ -213,3 +214,25 @@ def test_a_child_killed_outright_leaves_no_store_behind(tmp_path):
     result = run_child(spec, "streamed", [sys.executable, "-c", killer])
     assert result == {"engine": "streamed", "error": "exit -9: (no output)"}
     assert list(tmp_path.iterdir()) == []
+
+
+def test_timed_steps_counts_the_minor_page_faults_each_step_takes():
+    """A step that writes to freshly mapped memory faults in every page of it; one that reuses memory does not."""
+    spec = BenchSpec(preset="tiny", rank=None, profile="ci", steps=2, workload="lm", batch=1, seq=8, budget=None,
+                     micro_batches=1, store=None, scratch=None, threads=None)
+    mapped = 64 << 20  # far above any malloc mmap threshold: a fresh mapping each time
+    held = torch.zeros(mapped // 4)
+    fresh = timed_steps(spec, get_preset("tiny"), "test", lambda batches, step: torch.ones(mapped // 4).sum())
+    reused = timed_steps(spec, get_preset("tiny"), "test", lambda batches, step: held.fill_(1.0).sum())
+    pages = mapped // ((2 << 20) if _transparent_huge_pages_always() else 4096)
+    assert all(faults >= pages * 0.9 for faults in fresh.minor_faults), fresh.minor_faults
+    assert all(faults < pages * 0.1 for faults in reused.minor_faults), reused.minor_faults
+    assert len(fresh.seconds) == len(fresh.results) == 2
+
+
+def _transparent_huge_pages_always() -> bool:
+    """Whether the kernel backs every anonymous mapping with 2 MiB pages, one fault each."""
+    try:
+        return "[always]" in open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return False

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -87,7 +88,18 @@ def micro_batches(spec: BenchSpec, config: ModelConfig, step: int) -> list:
     ]
 
 
-def summarise(spec: BenchSpec, config: ModelConfig, step_times: list[float], phases: list[dict], extra: dict) -> dict:
+@dataclass
+class TimedSteps:
+    """What `timed_steps` saw of each step: its wall time, the minor page faults the process took during it (the
+    kernel zeroing and mapping fresh memory: allocator churn shows here) and the step function's result."""
+
+    seconds: list[float]
+    minor_faults: list[int]
+    results: list
+
+
+def summarise(spec: BenchSpec, config: ModelConfig, timed: TimedSteps, phases: list[dict], extra: dict) -> dict:
+    step_times = timed.seconds
     steady = step_times[1:] or step_times
     keys = sorted({k for p in phases for k in p})
     steady_phases = phases[1:] or phases
@@ -99,6 +111,7 @@ def summarise(spec: BenchSpec, config: ModelConfig, step_times: list[float], pha
         "first_step_s": step_times[0],
         "steps": len(step_times),
         "phase_s": {k: statistics.median(p.get(k, 0.0) for p in steady_phases) for k in keys},
+        "minor_faults": statistics.median(timed.minor_faults[1:] or timed.minor_faults),
         "peak_rss_bytes": memory_snapshot()["peak_rss_bytes"],
         "tokens_per_s": tokens / step_s,
         "model_flops": flops,
@@ -113,23 +126,25 @@ def summarise(spec: BenchSpec, config: ModelConfig, step_times: list[float], pha
     }
 
 
-def timed_steps(spec: BenchSpec, config: ModelConfig, engine: str, step_fn) -> tuple[list[float], list]:
+def timed_steps(spec: BenchSpec, config: ModelConfig, engine: str, step_fn) -> TimedSteps:
     """Run `step_fn(batches, step)` for each step; the last one under torch.profiler when `spec.trace` is set."""
-    times, results = [], []
+    timed = TimedSteps([], [], [])
     for step in range(1, spec.steps + 1):
         batches = micro_batches(spec, config, step)
         traced = spec.trace is not None and step == spec.steps
         profiler = torch.profiler.profile(record_shapes=True) if traced else None
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
         if profiler is not None:
             with profiler:
-                results.append(step_fn(batches, step))
+                timed.results.append(step_fn(batches, step))
         else:
-            results.append(step_fn(batches, step))
-        times.append(time.perf_counter() - t0)
+            timed.results.append(step_fn(batches, step))
+        timed.seconds.append(time.perf_counter() - t0)
+        timed.minor_faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
         if profiler is not None:
             write_trace(profiler, Path(spec.trace), engine)
-    return times, results
+    return timed
 
 
 # What a step's time goes to, by the op names torch.profiler reports (self CPU time); first match wins.
@@ -188,13 +203,13 @@ def run_streamed(spec: BenchSpec) -> dict:
                          clip=spec.clip is not None)
         configure_process(ProcessSettings(threads=plan.compute_threads(torch.get_num_threads()), malloc=plan.malloc))
         engine = Engine(store, plan, OptimConfig(max_grad_norm=spec.clip), resolve_device(profile))
-        times, results = timed_steps(spec, config, "streamed", engine.train_step)
+        timed = timed_steps(spec, config, "streamed", engine.train_step)
         engine.close()
-        phases = [r.phase_s for r in results]
-        reads = [r.bytes_read for r in results]
-        writes = [r.bytes_written for r in results]
-        ortho = results[-1].ortho_err
-        return summarise(spec, config, times, phases, {
+        phases = [r.phase_s for r in timed.results]
+        reads = [r.bytes_read for r in timed.results]
+        writes = [r.bytes_written for r in timed.results]
+        ortho = timed.results[-1].ortho_err
+        return summarise(spec, config, timed, phases, {
             "engine": "streamed", "bytes_read": statistics.median(reads[1:] or reads),
             "bytes_written": statistics.median(writes[1:] or writes), "ortho_err": ortho,
             "resident_blocks": plan.resident_blocks, "n_blocks": config.n_layers,
@@ -215,10 +230,10 @@ def run_reference(spec: BenchSpec) -> dict:
     compute_dtype = load_profile(spec.profile, spec.budget).compute_dtype
     step_engine = InMemoryStep(model, OptimConfig(max_grad_norm=spec.clip), workload=spec.workload,
                                compute_dtype=compute_dtype)
-    times, _ = timed_steps(spec, config, "reference", lambda batches, step: step_engine.step(batches))
+    timed = timed_steps(spec, config, "reference", lambda batches, step: step_engine.step(batches))
     factors = [p.detach() for n, p in model.named_parameters() if n.endswith((".U", ".V"))]
     ortho = max((orthonormality_error(f) for f in factors), default=0.0)
-    return summarise(spec, config, times, [{}] * len(times), {"engine": "reference", "bytes_read": 0,
+    return summarise(spec, config, timed, [{}] * len(timed.seconds), {"engine": "reference", "bytes_read": 0,
                      "bytes_written": 0, "ortho_err": ortho, "compute_dtype": compute_dtype})
 
 
@@ -232,9 +247,9 @@ def run_plain(spec: BenchSpec) -> dict:
     config = dense_config(spec.config())
     compute_dtype = spec.plain_dtype or load_profile(spec.profile, spec.budget).compute_dtype
     loop = PlainLoop(config, clip=spec.clip, compute_dtype=compute_dtype)
-    times, _ = timed_steps(spec, config, "plain", lambda batches, step: loop.step(batches))
-    return summarise(spec, config, times, [{}] * len(times), {"engine": "plain", "bytes_read": 0, "bytes_written": 0,
-                     "ortho_err": 0.0, "compute_dtype": compute_dtype, "gemm": "torch"})
+    timed = timed_steps(spec, config, "plain", lambda batches, step: loop.step(batches))
+    return summarise(spec, config, timed, [{}] * len(timed.seconds), {"engine": "plain", "bytes_read": 0,
+                     "bytes_written": 0, "ortho_err": 0.0, "compute_dtype": compute_dtype, "gemm": "torch"})
 
 
 def child_command(spec: BenchSpec, engine: str) -> list[str]:
