@@ -36,10 +36,13 @@ def chunk_tokens_for(vocab_size: int, budget_bytes: int = CHUNK_LOGIT_BYTES) -> 
 # SmolLM2 r128 at 4 x 256 (6 MB tensors, activations kept) took 4.56 and 4.83 s a step sliced against 4.20 and
 # 4.04 s plain.
 SLICE_FROM_BYTES = 32 << 20
-# FFN columns a slice: 256 columns of 2,048 float32 tokens are 2 MiB a slice tensor. On the llama3-8b r128
-# MLP shapes at 4 x 512 (one run each, quiet machine), forward and backward took 0.75 s in slices of 256,
-# 0.79 s in slices of 512 and 0.98 s in slices of 1,024, against 0.90 s unsliced.
-MLP_SLICE_COLUMNS = 256
+# FFN columns a slice: 512 columns of 2,048 float32 tokens are 4 MiB a slice tensor. With torch's products on the
+# llama3-8b r128 MLP shapes at 4 x 512 (one run each, quiet machine), forward and backward took 0.75 s in slices
+# of 256, 0.79 s in slices of 512 and 0.98 s in slices of 1,024, against 0.90 s unsliced. With the products on
+# oneDNN (`sct_edge/model/products.py`), 512 won: steps of 8 llama3-8b r128 blocks at 4 x 512 (1 graph kept, 7
+# memos), alternating the width step by step in one process, 7.10 s (median of 5) against 7.42 s, and 7.2
+# against 7.6 s in a second process.
+MLP_SLICE_COLUMNS = 512
 # Block memos (`sct_edge/model/memo.py`) start each tensor on a cache line of their arena.
 MEMO_ALIGN_BYTES = 64
 
