@@ -74,7 +74,7 @@ def _causal_scores(q_block: Tensor, k_scaled: Tensor, p0: int, p1: int, group: i
 def _scaled_rows(k: Tensor, scale: float) -> Tensor:
     """scale · k, each head's rows contiguous: the softmax's scale taken once on the keys, not on every block of
     scores (q (s k)ᵀ rounds differently from s (q kᵀ), within float32 rounding)."""
-    return torch.mul(k.detach(), scale, out=torch.empty(k.shape, dtype=k.dtype, device=k.device))
+    return torch.mul(k.detach(), scale, out=k.new_empty(k.shape))
 
 
 def _rows(x: Tensor, i: int, heads: slice, p0: int, p1: int) -> Tensor:
