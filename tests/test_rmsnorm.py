@@ -1,4 +1,5 @@
-"""RMSNorm's closed-form backward: exact against the derivative, equal to autograd through `F.rms_norm`."""
+"""RMSNorm's closed-form backward: exact against the derivative, equal to autograd through `F.rms_norm`, in one
+block of rows or several."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sct_edge.model import rmsnorm
 from sct_edge.model.rmsnorm import rms_norm
 
 
@@ -16,13 +18,22 @@ def inputs(shape, dtype=torch.float64):
     return x, weight
 
 
+@pytest.fixture(params=["one block", "blocks of 3 rows"])
+def row_blocks(request, monkeypatch):
+    """Both ways the norm runs: all rows in one block, or a few rows at a time (as large inputs are)."""
+    if request.param != "one block":
+        monkeypatch.setattr(rmsnorm, "CHUNK_BYTES", 3 * 64 * 4)  # 3 rows of 64 floats
+    return request.param
+
+
 @pytest.mark.parametrize("shape", [(5, 8), (2, 3, 16)])
-def test_gradcheck_in_float64(shape):
+def test_gradcheck_in_float64(shape, monkeypatch):
+    monkeypatch.setattr(rmsnorm, "CHUNK_BYTES", 2 * shape[-1] * 8)  # backward in blocks of 2 rows, the last 1
     x, weight = inputs(shape)
     assert torch.autograd.gradcheck(lambda a, w: rms_norm(a, w, 1e-5), (x, weight))
 
 
-def test_forward_and_gradients_equal_autograd_through_f_rms_norm():
+def test_forward_and_gradients_equal_autograd_through_f_rms_norm(row_blocks):
     x, weight = inputs((4, 7, 64), torch.float32)
     grad = torch.randn(4, 7, 64, generator=torch.Generator().manual_seed(1))
     expected = F.rms_norm(x, (64,), weight, 1e-5)
@@ -39,3 +50,11 @@ def test_it_saves_only_its_input_and_the_reciprocal_rms():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         rms_norm(x, weight, 1e-5)
     assert sorted(t.numel() for t in saved) == [4 * 7, 64, 4 * 7 * 64]  # rstd, weight, x
+
+
+def test_forward_in_blocks_of_rows_equals_the_fused_kernel_bit_for_bit():
+    x, weight = (t.detach() for t in inputs((3, 70, 4096), torch.float32))  # 210 rows: blocks of 64, the last 18
+    assert rmsnorm._chunk_rows(x) == 64
+    expected, expected_rstd = torch.ops.aten._fused_rms_norm(x, [4096], weight, 1e-5)
+    got, rstd = rmsnorm._forward(x.reshape(-1, 4096), weight, 1e-5)
+    assert torch.equal(got.view_as(x), expected) and torch.equal(rstd.view_as(expected_rstd), expected_rstd)
