@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sct_edge.model import rmsnorm
+from sct_edge.model import accounting, rmsnorm
 from sct_edge.model.rmsnorm import rms_norm
 
 
@@ -22,13 +22,13 @@ def inputs(shape, dtype=torch.float64):
 def row_blocks(request, monkeypatch):
     """Both ways the norm runs: all rows in one block, or a few rows at a time (as large inputs are)."""
     if request.param != "one block":
-        monkeypatch.setattr(rmsnorm, "CHUNK_BYTES", 3 * 64 * 4)  # 3 rows of 64 floats
+        monkeypatch.setattr(accounting, "CACHE_BLOCK_BYTES", 3 * 64 * 4)  # 3 rows of 64 floats
     return request.param
 
 
 @pytest.mark.parametrize("shape", [(5, 8), (2, 3, 16)])
 def test_gradcheck_in_float64(shape, monkeypatch):
-    monkeypatch.setattr(rmsnorm, "CHUNK_BYTES", 2 * shape[-1] * 8)  # backward in blocks of 2 rows, the last 1
+    monkeypatch.setattr(accounting, "CACHE_BLOCK_BYTES", 2 * shape[-1] * 8)  # backward in blocks of 2 rows, the last 1
     x, weight = inputs(shape)
     assert torch.autograd.gradcheck(lambda a, w: rms_norm(a, w, 1e-5), (x, weight))
 

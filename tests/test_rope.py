@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sct_edge.model import accounting
 from sct_edge.model.config import get_preset
 from sct_edge.model.rope import apply_rope, rope_tables
 
@@ -15,16 +16,21 @@ def rotate_half_composition(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
 
-def test_gradcheck_in_float64():
+def test_gradcheck_in_float64(monkeypatch):
     config = get_preset("tiny")
     cos, sin = (t.double() for t in rope_tables(config, torch.arange(5)))
     x = torch.randn(2, 3, 5, config.head_dim, dtype=torch.float64, requires_grad=True)
+    monkeypatch.setattr(accounting, "CACHE_BLOCK_BYTES", 2 * 2 * 3 * config.head_dim * 8)  # 2 positions a block
     assert torch.autograd.gradcheck(lambda x: apply_rope(x, cos, sin), (x,))
 
 
+@pytest.mark.parametrize("positions_a_block", [None, 3])  # all 7 at once, or blocks of 3, 3 and 1
 @pytest.mark.parametrize("layout", ["contiguous", "seq-major"])  # the model's q: (batch, seq, heads) transposed
-def test_equals_the_composition_and_its_gradient_bit_for_bit_and_keeps_the_layout(layout):
+def test_equals_the_composition_and_its_gradient_bit_for_bit_and_keeps_the_layout(layout, positions_a_block,
+                                                                                   monkeypatch):
     config = get_preset("tiny")
+    if positions_a_block:
+        monkeypatch.setattr(accounting, "CACHE_BLOCK_BYTES", positions_a_block * 2 * 3 * config.head_dim * 4)
     cos, sin = rope_tables(config, torch.arange(1, 8))  # positions 1..7: a cached decode would start past 0
     g = torch.Generator().manual_seed(0)
     shape = (2, 7, 3, config.head_dim) if layout == "seq-major" else (2, 3, 7, config.head_dim)

@@ -11,10 +11,11 @@ in closed form:
     ∂x = r · (g ⊙ w − x̂ · mean(g ⊙ w ⊙ x̂)) = r · (g ⊙ w) − x · r³ · mean(g ⊙ w ⊙ x),   ∂w = Σ_tokens g ⊙ x · r
 
 Both directions are still several passes, each at memory speed over a tensor far larger than the cache (32 MiB
-for llama3-8b at 4 × 512). So they run `CHUNK_BYTES` of rows at a time: a block of rows is read from memory
-once and its later passes find it in cache. The forward is torch's fused kernel's own composition
-(`_fused_rms_norm` on the CPU: pow, mean, add, rsqrt, mul, mul), row by row the same operations, so the result is
-the same bit for bit. `gradcheck` in float64 checks the backward against the derivative.
+for llama3-8b at 4 × 512). So they run a cache-sized block of rows at a time (`accounting.CACHE_BLOCK_BYTES`):
+a block is read from memory once and its later passes find it in cache. In one llama3-8b r128 block at 4 × 512
+that saved 18–53 ms of its forward, recompute and backward (720–890 ms). The forward is torch's fused kernel's
+own composition (`_fused_rms_norm` on the CPU: pow, mean, add, rsqrt, mul, mul), row by row the same
+operations, so the result is the same bit for bit. `gradcheck` in float64 checks the backward against the derivative.
 """
 
 from __future__ import annotations
@@ -22,14 +23,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# Rows a pass: 1 MiB of them, a core's L2 here. llama3-8b's norm of 2,048 tokens (4096 wide, float32) took
-# 5.2–5.9 ms as the fused kernel and 3.0–3.1 ms in blocks of 64 or 128 rows (3.3 at 256, 4.4 at 512); in a
-# block's forward, recompute and backward the norms in blocks saved 25–41 ms a block (scratch, 2 threads).
-CHUNK_BYTES = 1 << 20
+from sct_edge.model.accounting import rows_per_cache_block
 
 
 def _chunk_rows(x: Tensor) -> int:
-    return max(1, CHUNK_BYTES // (x.shape[-1] * x.element_size()))
+    return rows_per_cache_block(x.shape[-1] * x.element_size())
 
 
 def _forward(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
