@@ -27,7 +27,8 @@ class SharedInputProjections(torch.autograd.Function):
 
     Left to autograd, each map's input gradient is its own x-sized product, summed by separate passes: on
     llama3-8b r128 at 4 × 512 the three products and two adds took 72–82 ms, against 37–39 ms when each product
-    adds into one tensor (`accumulate_linear`: `addmm_`, or oneDNN's sum epilogue), as backward does here.
+    adds into one tensor (`accumulate_linear`: `addmm_`, or oneDNN's product and an in-place add), as backward
+    does here.
     Forward returns `recorded` instead when given: a memo's outputs for the same x and factors
     (`sct_edge/model/memo.py`), so a recompute skips the products.
     Saves only x and the factors. Under autocast the products run in its dtype, in backward too.
