@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from sct_edge.model import accounting, rmsnorm
-from sct_edge.model.rmsnorm import rms_norm
+from sct_edge.model.rmsnorm import rms_norm, rms_norm_and_pass
 
 
 def inputs(shape, dtype=torch.float64):
@@ -58,3 +58,26 @@ def test_forward_in_blocks_of_rows_equals_the_fused_kernel_bit_for_bit():
     expected, expected_rstd = torch.ops.aten._fused_rms_norm(x, [4096], weight, 1e-5)
     got, rstd = rmsnorm._forward(x.reshape(-1, 4096), weight, 1e-5)
     assert torch.equal(got.view_as(x), expected) and torch.equal(rstd.view_as(expected_rstd), expected_rstd)
+
+
+def test_passing_x_on_sums_both_gradients_in_one_backward(row_blocks):
+    """x + f(rms_norm(x)), the residual stream's shape: the same gradients as through `F.rms_norm` and autograd's
+    own sum, with x's gradient coming out of the norm's backward alone."""
+    x, weight = inputs((4, 7, 64), torch.float32)
+    mix = torch.randn(64, 64, generator=torch.Generator().manual_seed(2))
+    grad = torch.randn(4, 7, 64, generator=torch.Generator().manual_seed(3))
+    expected = x + F.rms_norm(x, (64,), weight, 1e-5) @ mix
+    normed, passed = rms_norm_and_pass(x, weight, 1e-5)
+    got = passed + normed @ mix
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(passed, x) and passed.grad_fn is normed.grad_fn
+    for a, b in zip(torch.autograd.grad(got, (x, weight), grad),
+                    torch.autograd.grad(expected, (x, weight), grad), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_gradcheck_of_the_passed_x_in_float64(monkeypatch):
+    monkeypatch.setattr(accounting, "CACHE_BLOCK_BYTES", 2 * 8 * 8)  # blocks of 2 rows
+    x, weight = inputs((5, 8))
+    assert torch.autograd.gradcheck(lambda a, w: [t * (i + 1) for i, t in enumerate(rms_norm_and_pass(a, w, 1e-5))],
+                                    (x, weight))

@@ -45,17 +45,22 @@ def _forward(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
 
 
 class RMSNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
-        y, rstd = _forward(x.reshape(-1, x.shape[-1]), weight, eps)
-        ctx.save_for_backward(x, weight, rstd)
-        return y.view_as(x)
+    """rms_norm(x) and, with `pass_x`, x itself as a second output, for a residual stream that x also feeds: the
+    residual's gradient then reaches this backward, which adds it to the norm's own while each block of rows is
+    in cache, rather than autograd summing the two tokens × dim gradients in a pass of its own."""
 
     @staticmethod
-    def backward(ctx, grad_y: Tensor):
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float, pass_x: bool):
+        y, rstd = _forward(x.reshape(-1, x.shape[-1]), weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return (y.view_as(x), x.view_as(x)) if pass_x else y.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor, grad_passed: Tensor | None = None):
         x, weight, rstd = ctx.saved_tensors
         dim = x.shape[-1]
         x2, grad2 = x.reshape(-1, dim), grad_y.reshape(-1, dim)
+        passed = None if grad_passed is None else grad_passed.reshape(-1, dim)
         r_all = rstd.reshape(-1, 1).to(x.dtype)
         grad_x = torch.empty_like(x2)
         grad_w = x2.new_zeros(dim) if ctx.needs_input_grad[1] else None
@@ -68,11 +73,19 @@ class RMSNormFunction(torch.autograd.Function):
             # time of a product and a sum), the rest in place, subtracting before scaling as the composition does.
             dots = torch.bmm(weighted.unsqueeze(1), xs.unsqueeze(2)).view(-1, 1)
             weighted.addcmul_(xs, dots * r.square() / dim, value=-1).mul_(r)
+            if passed is not None:
+                weighted.add_(passed[rows])
             if grad_w is not None:
                 grad_w.addmv_((gs * xs).T, r.view(-1))  # Σ_tokens g ⊙ x · r
-        return grad_x.view_as(x), None if grad_w is None else grad_w.to(weight.dtype), None
+        return grad_x.view_as(x), None if grad_w is None else grad_w.to(weight.dtype), None, None
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """RMSNorm over the last dimension of x, scaled by `weight` (see the module)."""
-    return RMSNormFunction.apply(x, weight, eps)
+    return RMSNormFunction.apply(x, weight, eps, False)
+
+
+def rms_norm_and_pass(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(rms_norm(x), x): use the second where the residual stream needs x, so that one backward takes both
+    gradients of x (see `RMSNormFunction`)."""
+    return RMSNormFunction.apply(x, weight, eps, True)

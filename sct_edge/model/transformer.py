@@ -24,7 +24,7 @@ from sct_edge.model import attention
 from sct_edge.model.config import ModelConfig
 from sct_edge.model.memo import BlockMemo, causal_attention, replays_attention
 from sct_edge.model.products import product
-from sct_edge.model.rmsnorm import rms_norm
+from sct_edge.model.rmsnorm import rms_norm, rms_norm_and_pass
 from sct_edge.model.rope import apply_rope, rope_tables
 from sct_edge.model.spectral import (
     SharedInputProjections,
@@ -78,6 +78,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return rms_norm(x, self.weight, self.eps)
+
+    def and_pass(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(norm of x, x) for a residual stream, whose gradient this norm's backward then sums (`rms_norm_and_pass`)."""
+        return rms_norm_and_pass(x, self.weight, self.eps)
 
 
 @dataclass
@@ -201,8 +205,10 @@ class Block(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None,
                 memo: BlockMemo | None = None) -> Tensor:
         """With a `memo`, a forward under no_grad records what the recompute of the same input replays."""
-        h = self.attn(self.attn_norm(x), cos, sin, cache, memo, residual=x)
-        return self.mlp(self.mlp_norm(h), memo, residual=h)
+        normed, x = self.attn_norm.and_pass(x)
+        h = self.attn(normed, cos, sin, cache, memo, residual=x)
+        normed, h = self.mlp_norm.and_pass(h)
+        return self.mlp(normed, memo, residual=h)
 
 
 class Embedding(nn.Module):
