@@ -49,7 +49,7 @@ class SpectralSwiGLU(torch.autograd.Function):
             a_g, a_u = x_g * s_g, x_u * s_u
             acc = x.new_zeros(x.shape[0], U_d.shape[1], dtype=_accumulator(dtype))
             for c in range(0, V_g.shape[0], chunk):
-                p = F.silu(linear(a_g, V_g[c : c + chunk])).mul_(linear(a_u, V_u[c : c + chunk]))
+                p = F.silu(linear(a_g, V_g[c : c + chunk]), inplace=True).mul_(linear(a_u, V_u[c : c + chunk]))
                 acc.add_(linear(p, U_d[c : c + chunk].T))
             if memo is not None:
                 memo.mlp = memo.keep(x_g, x_u, acc)
