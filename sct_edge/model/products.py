@@ -127,8 +127,11 @@ class _Product(torch.autograd.Function):
         grad_w = None
         if ctx.needs_input_grad[1]:
             # w is often a factor's transposed view (x U is product(x, U.T)): its gradient comes back in the
-            # factor's own row-major layout, so autograd need not copy it.
-            grad_w = (transposed_product(grad, x).contiguous() if w.is_contiguous()
+            # factor's own row-major layout, so autograd need not copy it. A row-major w's gradient may come
+            # back as a transposed view: autograd copies it to w's layout the first time and later sums read it
+            # where it lies, so the head's vocabulary-sized gradient, summed over the loss's chunks, skips a
+            # transposing copy a chunk (128,256 × 128: a strided add 12 ms against a copy and an add 17–28 ms).
+            grad_w = (transposed_product(grad, x) if w.is_contiguous()
                       else transposed_product(x, grad).contiguous().T)
         return grad_x, grad_w, grad if ctx.needs_input_grad[2] else None
 
