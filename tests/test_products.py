@@ -7,7 +7,7 @@ import torch
 from torch.profiler import profile
 
 from sct_edge.model import products
-from sct_edge.model.products import linear, product, torch_products, transposed_product
+from sct_edge.model.products import accumulate_linear, linear, product, torch_products, transposed_product
 
 
 def ops_called(fn) -> set[str]:
@@ -73,6 +73,28 @@ def test_product_gradients_equal_autograd_of_the_plain_expression(products_route
         for leaf, ref in zip(leaves, refs, strict=True):
             assert leaf.grad.stride() == leaf.stride()  # in the parameter's own layout: autograd copies nothing
             torch.testing.assert_close(leaf.grad.double(), ref.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_accumulate_linear_sums_into_acc_in_place(products_route):
+    g = torch.Generator().manual_seed(4)
+    acc, x, w = torch.randn(64, 48, generator=g), torch.randn(64, 40, generator=g), torch.randn(48, 40, generator=g)
+    expected = acc.double() + x.double() @ w.double().T
+    assert accumulate_linear(acc, x, w) is acc
+    torch.testing.assert_close(acc.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_row_major_weight_summed_over_several_backward_passes_keeps_its_layout(products_route):
+    """The loss's chunks: one head weight, one backward a chunk, the gradients summed into .grad."""
+    g = torch.Generator().manual_seed(5)
+    # vocabulary × rank, large enough for oneDNN: its gradient comes back as a transposed view
+    w = torch.randn(2048, 16, generator=g).requires_grad_()
+    ref = w.detach().double().requires_grad_()
+    for _ in range(3):
+        x, grad = torch.randn(64, 16, generator=g), torch.randn(64, 2048, generator=g)
+        product(x, w).backward(grad)
+        (x.double() @ ref.T).backward(grad.double())
+    assert w.grad.stride() == w.stride()
+    torch.testing.assert_close(w.grad.double(), ref.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_product_function_passes_gradcheck_in_float64():
