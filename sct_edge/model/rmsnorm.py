@@ -34,7 +34,8 @@ def _forward(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """The normalised rows of x (rows × dim) and their reciprocal RMS (rows × 1), as `_fused_rms_norm` gives them."""
     step = _chunk_rows(x)
     if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.shape[0] <= step:
-        # The fused kernel computes in float32 whatever x's dtype, then casts before scaling: let it do that.
+        # One block of rows is the fused kernel's own work in one call. Other dtypes: the fused kernel computes in
+        # float32 whatever x's dtype and casts before scaling; let it do that.
         return torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)
     y, rstd = torch.empty_like(x), x.new_empty(x.shape[0], 1)
     for start in range(0, x.shape[0], step):

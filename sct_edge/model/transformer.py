@@ -205,6 +205,7 @@ class Block(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None,
                 memo: BlockMemo | None = None) -> Tensor:
         """With a `memo`, a forward under no_grad records what the recompute of the same input replays."""
+        # x and h come back through their norms, so each norm's backward also takes the residual's gradient.
         normed, x = self.attn_norm.and_pass(x)
         h = self.attn(normed, cos, sin, cache, memo, residual=x)
         normed, h = self.mlp_norm.and_pass(h)
