@@ -13,6 +13,15 @@ import sys
 
 from sct_edge.errors import SctError, Terminated
 
+# How long torch's OpenMP workers spin after a parallel region before they sleep, in libgomp's iterations.
+# libgomp's default (300,000, milliseconds) keeps the second core busy spinning while the step's own Python
+# threads want it: the retraction's OpenBLAS work right after AdamW took 27.1 ms a llama3-8b block by default,
+# 22.6 ms at 10,000 and 20.1 ms when the workers had gone to sleep first; llama3-8b r128 steps of 8 blocks
+# spent 0.25-0.30 s in retraction against 0.30-0.38 s, their forward and backward no slower (docs/benchmarks.md).
+# 10,000 still outlasts the gap between two torch ops of a step, so those find the team awake. libgomp reads
+# the variable once, when torch loads: `main` sets it before any command imports torch, unless the user has.
+OPENMP_SPIN_ITERATIONS = "10000"
+
 # Order is the order `sct-edge --help` lists them in.
 COMMAND_MODULES = [
     "presets",
@@ -43,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("GOMP_SPINCOUNT", OPENMP_SPIN_ITERATIONS)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0

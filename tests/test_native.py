@@ -3,6 +3,8 @@ gets one OpenMP thread without touching the compute thread's."""
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -43,6 +45,18 @@ def test_single_openmp_thread_is_the_calling_threads_alone():
     finally:
         torch.set_num_threads(previous)
 
+
+@pytest.mark.parametrize("given, seen", [(None, "10000"), ("5", "5")])
+def test_the_command_sets_openmp_spinning_before_torch_loads_unless_the_user_has(given, seen):
+    # libgomp reads GOMP_SPINCOUNT when torch loads; a command imports torch only once `main` has set it.
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    if given is not None:
+        env["GOMP_SPINCOUNT"] = given
+    code = ("import os, sys; from sct_edge import cli; loaded = 'torch' in sys.modules; cli.main(['presets']);"
+            "print(loaded, 'torch' in sys.modules, os.environ['GOMP_SPINCOUNT'], file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.split() == ["False", "True", seen]
 
 
 def test_an_engine_and_an_inference_engine_leave_the_process_settings_alone(tmp_path):
