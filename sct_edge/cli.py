@@ -14,13 +14,14 @@ import sys
 from sct_edge.errors import SctError, Terminated
 
 # How long torch's OpenMP workers spin after a parallel region before they sleep, in libgomp's iterations.
-# libgomp's default (300,000, milliseconds) keeps the second core busy spinning while the step's own Python
-# threads want it: the retraction's OpenBLAS work right after AdamW took 27.1 ms a llama3-8b block by default,
-# 22.6 ms at 10,000 and 20.1 ms when the workers had gone to sleep first; llama3-8b r128 steps of 8 blocks
-# spent 0.25-0.30 s in retraction against 0.30-0.38 s, their forward and backward no slower (docs/benchmarks.md).
-# 10,000 still outlasts the gap between two torch ops of a step, so those find the team awake. libgomp reads
-# the variable once, when torch loads: `main` sets it before any command imports torch, unless the user has.
-OPENMP_SPIN_ITERATIONS = "10000"
+# At libgomp's default (300,000) the second core is still busy spinning when the retraction's OpenBLAS threads
+# want it, right after AdamW: a llama3-8b r128 block's retraction took 26.6-33.4 ms by default and 18.6-24.1 ms
+# at 10,000, 30,000 or 100,000 (medians of 15, three processes each); 100,000 is the longest of those, so
+# the gaps between a step's torch ops, and the rank-32 retraction's torch products between its small LAPACK
+# calls, still find the team awake (sct-70b r32: 9.4-11.2 ms a block against 9.6-10.9 by default).
+# libgomp reads the variable once, when torch loads: `main` sets it before any command imports torch, unless
+# the user has.
+OPENMP_SPIN_ITERATIONS = "100000"
 
 # Order is the order `sct-edge --help` lists them in.
 COMMAND_MODULES = [
