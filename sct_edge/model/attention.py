@@ -111,8 +111,10 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor) -> 
     # What the softmax's backward takes off each row, grad_out · out, for all rows in one batched product (1.8
     # ms at llama3-8b's 4 × 512, where a multiply and a sum per block, each on a copy of its rows, took ~7).
     delta = torch.bmm(grad_out.transpose(1, 2).reshape(-1, 1, d), out.transpose(1, 2).reshape(-1, d, 1)).view(b, t, h)
-    # One key/value head's gradients, transposed (d × t), summed over its query blocks: each block's sum is
-    # the rows' leading columns, contiguous runs, and its product needs no transposed copy of the scores.
+    # One key/value head's gradients, transposed (d × t), summed over its query blocks (which `_blocks` gives
+    # in order, first to last): each block's sum is the rows' leading columns, contiguous runs, and its product
+    # needs no transposed copy of the scores. Summed into strided views of grad_k and grad_v instead, the
+    # backward took 161 ms rather than 132 alone at llama3-8b's heads and 4 × 512.
     grad_k_t, grad_v_t = (q.new_empty(d, t) for _ in range(2))
     for i, g, heads, p0, p1 in _blocks(b, kv_heads, group, t):
         if p0 == 0:
