@@ -10,6 +10,8 @@ glibc's malloc: its thresholds decide whether the thousands of activation and gr
 step are reused or page-faulted afresh, and how much freed memory stays in the resident set. OpenMP: a
 thread that runs torch ops gets its own team of OpenMP threads, and once the process has more OpenMP threads
 than cores, libgomp stops spinning between parallel regions, so every small op waits for its team to wake.
+How long the workers spin is the one setting that cannot be made here: libgomp reads GOMP_SPINCOUNT when torch
+loads, so `sct_edge/cli.py`'s `main` sets it before any command imports torch (`OPENMP_SPIN_ITERATIONS`).
 Everything here is a no-op where the library is not there (macOS, musl).
 """
 
