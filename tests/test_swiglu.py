@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sct_edge.model import accounting
+from sct_edge.model import accounting, fused
 from sct_edge.model.config import RankPolicy, get_preset
 from sct_edge.model.swiglu import SpectralSwiGLU, slices_pay_off
 from sct_edge.model.transformer import MLP
@@ -32,8 +32,18 @@ def sliced(x, *weights, residual=None, chunk=8, dtype=torch.float64, memo=None):
     return SpectralSwiGLU.apply(x, residual, *weights, chunk, dtype, memo)
 
 
+@pytest.fixture(params=["fused", "torch"])
+def silu_route(request, monkeypatch) -> str:
+    """The slices' element-wise work on the compiled kernels (`sct_edge/model/fused.py`) or on torch's ops."""
+    if request.param == "fused" and not fused.available():
+        pytest.skip("no C compiler: torch's ops stand in")
+    if request.param == "torch":
+        monkeypatch.setattr(fused, "_kernel", lambda name, tensors: None)
+    return request.param
+
+
 @pytest.mark.parametrize("chunk", [1, 4, 11, 64])  # slices of one column, uneven slices, one slice for all
-def test_gradcheck_in_float64(chunk):
+def test_gradcheck_in_float64(chunk, silu_route):
     args = factors(tokens=7, dim=5, ffn=11, rank=3)
     assert torch.autograd.gradcheck(lambda *a: sliced(*a, chunk=chunk), args)
 
@@ -46,7 +56,8 @@ def test_a_residual_is_added_to_the_output_and_gets_the_output_gradient():
 
 
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-def test_forward_and_every_gradient_equal_autograd_through_the_plain_composition(dtype, tolerance, products_route):
+def test_forward_and_every_gradient_equal_autograd_through_the_plain_composition(dtype, tolerance, products_route,
+                                                                               silu_route):
     args = factors(tokens=33, dim=16, ffn=40, rank=6, dtype=dtype)
     grad_y = torch.randn(33, 16, generator=torch.Generator().manual_seed(3), dtype=dtype)
     expected = plain(*args)

@@ -28,6 +28,7 @@ import torch
 
 from sct_edge.engine.malloc import GLIBC_MALLOC, STEP_MALLOC, MallocThresholds
 from sct_edge.engine.profile import Profile
+from sct_edge.model.fused import openmp_runtime_paths
 from sct_edge.model.products import onednn_available, use_onednn, uses_onednn
 
 
@@ -133,13 +134,8 @@ def single_openmp_thread() -> None:
 
 @functools.cache
 def _openmp_runtime() -> ctypes.CDLL | None:
-    """The OpenMP runtime torch loaded (libgomp on Linux wheels), found in the process's memory map."""
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "libgomp" in line or "libomp" in line}
-    except OSError:
-        return None  # no /proc (macOS): leave the I/O threads at torch's default
-    for path in sorted(paths):
+    """The OpenMP runtime torch loaded; None leaves the I/O threads at torch's default."""
+    for path in openmp_runtime_paths():
         try:
             return ctypes.CDLL(path)
         except OSError:

@@ -20,10 +20,10 @@ equals the plain composition to rounding; `gradcheck` in float64 checks the grad
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from sct_edge.model import accounting
+from sct_edge.model.fused import silu_mul_, silu_mul_backward_
 from sct_edge.model.memo import BlockMemo
 from sct_edge.model.products import accumulate_linear, linear, rows_of_transpose, transposed_product
 from sct_edge.model.spectral import rank_out
@@ -49,7 +49,7 @@ class SpectralSwiGLU(torch.autograd.Function):
             a_g, a_u = x_g * s_g, x_u * s_u
             acc = x.new_zeros(x.shape[0], U_d.shape[1], dtype=_accumulator(dtype))
             for c in range(0, V_g.shape[0], chunk):
-                p = F.silu(linear(a_g, V_g[c : c + chunk]), inplace=True).mul_(linear(a_u, V_u[c : c + chunk]))
+                p = silu_mul_(linear(a_g, V_g[c : c + chunk]), linear(a_u, V_u[c : c + chunk]))
                 acc.add_(linear(p, U_d[c : c + chunk].T))
             if memo is not None:
                 memo.mlp = memo.keep(x_g, x_u, acc)
@@ -77,13 +77,9 @@ class SpectralSwiGLU(torch.autograd.Function):
         grad_acc_t, a_u_t, a_g_t = (rows_of_transpose(t) for t in (grad_acc, a_u, a_g))
         for c in range(0, V_g.shape[0], ctx.chunk):
             cols = slice(c, c + ctx.chunk)
-            g = linear(a_g, V_g[cols])
-            u = linear(a_u, V_u[cols])
-            silu = F.silu(g)
-            grad_p = linear(grad_acc, U_d[cols])
-            grad_U_d[cols] = transposed_product(silu * u, grad_acc, grad_acc_t)
-            grad_u = grad_p * silu
-            grad_g = torch.ops.aten.silu_backward(grad_p.mul_(u), g)  # the kernel F.silu's autograd uses
+            grad_g, p, grad_u = silu_mul_backward_(
+                linear(a_g, V_g[cols]), linear(a_u, V_u[cols]), linear(grad_acc, U_d[cols]))
+            grad_U_d[cols] = transposed_product(p, grad_acc, grad_acc_t)
             grad_V_u[cols] = transposed_product(grad_u, a_u, a_u_t)
             grad_V_g[cols] = transposed_product(grad_g, a_g, a_g_t)
             grad_a_u.add_(linear(grad_u, V_u[cols].T))
