@@ -20,6 +20,7 @@ from sct_edge.engine.flops import attention_flops, forward_flops_per_sequence, g
 from sct_edge.engine.malloc import NO_TRIM, MallocThresholds
 from sct_edge.engine.memory_cap import cgroup_available
 from sct_edge.engine.process import current_process_settings
+from sct_edge.model import fused
 from sct_edge.model.accounting import CHUNK_LOGIT_BYTES
 from sct_edge.model.config import RankPolicy, get_preset
 from sct_edge.model.retraction import retract_
@@ -168,6 +169,9 @@ def test_all_engines_report_ratios_to_the_plain_loop(tmp_path):
     assert all(x["mfu"] > 0 and x["gemm_peak_flops"] == 1e9 and x["cpu_gemm_peak_flops"] == 2e9 for x in lines[:3])
     assert all(x["mfu_cpu_peak"] == pytest.approx(x["mfu"] / 2) for x in lines[:3])
     assert lines[2]["model_flops"] == training_step_flops(dense_config(get_preset("tiny")), 1, 8)
+    # which element-wise route the step's sliced MLP takes; the plain loop is torch's alone
+    expected_route = "fused" if fused.available() else "torch"
+    assert [x["element_wise"] for x in lines[:3]] == [expected_route, expected_route, "torch"]
     for engine in ("streamed", "reference", "plain"):
         assert "aten::mm" in (tmp_path / "trace" / f"{engine}.top.txt").read_text()
         assert (tmp_path / "trace" / f"{engine}.trace.json").stat().st_size > 0

@@ -149,7 +149,7 @@ def _human(line: dict) -> str:
             f"{line['tokens_per_s']:,.1f} tok/s  {line['flops_per_s'] / 1e9:.1f} GFLOP/s{mfu}  "
             f"peak RSS {line['peak_rss_bytes'] / 2**20:,.0f} MiB  read {line['bytes_read'] / 1e9:.2f} GB  "
             f"written {line['bytes_written'] / 1e9:.2f} GB  minor faults {line['minor_faults']:,.0f}  "
-            f"ortho {line['ortho_err']:.2e}  products {line['gemm']}  "
+            f"ortho {line['ortho_err']:.2e}  products {line['gemm']}  element-wise {line['element_wise']}  "
             f"{phases}")
 
 

@@ -33,6 +33,7 @@ from sct_edge.engine.adamw import OptimConfig
 from sct_edge.engine.flops import mfu, training_step_flops
 from sct_edge.errors import SctError
 from sct_edge.events import memory_snapshot
+from sct_edge.model import fused
 from sct_edge.model.config import ModelConfig, RankPolicy, get_preset
 from sct_edge.model.products import uses_onednn
 from sct_edge.model.retraction import PROFILER_LABEL
@@ -122,6 +123,8 @@ def summarise(spec: BenchSpec, config: ModelConfig, timed: TimedSteps, phases: l
         "mfu_cpu_peak": None if spec.cpu_peak_flops is None else mfu(flops, step_s, spec.cpu_peak_flops),
         "threads": torch.get_num_threads(),
         "gemm": "onednn" if uses_onednn() else "torch",
+        # SwiGLU's sliced element-wise passes: compiled and fused, or torch's ops (`sct_edge/model/fused.py`)
+        "element_wise": "fused" if fused.available() else "torch",
         **extra,
     }
 
@@ -249,7 +252,8 @@ def run_plain(spec: BenchSpec) -> dict:
     loop = PlainLoop(config, clip=spec.clip, compute_dtype=compute_dtype)
     timed = timed_steps(spec, config, "plain", lambda batches, step: loop.step(batches))
     return summarise(spec, config, timed, [{}] * len(timed.seconds), {"engine": "plain", "bytes_read": 0,
-                     "bytes_written": 0, "ortho_err": 0.0, "compute_dtype": compute_dtype, "gemm": "torch"})
+                     "bytes_written": 0, "ortho_err": 0.0, "compute_dtype": compute_dtype, "gemm": "torch",
+                     "element_wise": "torch"})
 
 
 def child_command(spec: BenchSpec, engine: str) -> list[str]:

@@ -25,6 +25,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -83,10 +84,10 @@ def _build(command: list[str], source: bytes, target: Path) -> None:
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+    compiler = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc")]
+    if compiler[0] is None:
         return None
-    command, source = [compiler, *FLAGS, *_openmp_flags()], SOURCE.read_bytes()
+    command, source = [*compiler, *FLAGS, *_openmp_flags()], SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(command).encode(), _cpu_model().encode(),
                                      platform.machine().encode()])).hexdigest()[:16]
     target = _cache_dir() / f"fused-{key}.so"

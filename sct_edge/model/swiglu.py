@@ -13,8 +13,10 @@ rank at once (`· U_down`). So `SpectralSwiGLU` takes the FFN width `chunk` colu
 gate and up outputs, its SiLU product and its contribution to the tokens × k accumulator stay cache-sized,
 and no FFN-wide tensor is ever built. Backward recomputes each slice's gate and up outputs from the saved
 rank-k projections (the products a recomputing step redoes anyway) and accumulates every gradient slice by
-slice. It saves x and three tokens × k tensors for backward instead of five tokens × ffn ones. The result
-equals the plain composition to rounding; `gradcheck` in float64 checks the gradients.
+slice. It saves x and three tokens × k tensors for backward instead of five tokens × ffn ones. A slice's
+element-wise work (the SiLU, its product with up, and their gradients) is one pass written over the slice's own
+tensors (`sct_edge/model/fused.py`). The result equals the plain composition to rounding; `gradcheck` in float64
+checks the gradients.
 """
 
 from __future__ import annotations
